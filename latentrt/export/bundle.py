@@ -1,0 +1,153 @@
+"""``latentrt export``: a diffusers pipeline (hub id or local folder) -> a self-describing bundle.
+
+The bundle is written into a temporary folder beside the destination and renamed into place at
+the end, so an interrupted or failed export leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .. import __version__
+from ..manifest import MANIFEST_NAME, Manifest, write_json_atomic
+from .onnx_export import ExportOptions, export_component
+from .precision import parse_component_precisions
+from .recipes import detect_kind
+
+
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"latentrt": __version__}
+    for dist in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxconverter-common", "peft"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def load_pipeline(src: str | os.PathLike, *, revision: str | None = None, variant: str | None = None):
+    """Load a diffusers pipeline from a local folder (as written by ``save_pretrained``) or a hub id."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    src = str(src)
+    local = Path(src).is_dir()
+    if not local and (src.startswith((".", "/")) or os.sep in src.strip("/").replace("/", "", 1)):
+        raise FileNotFoundError(f"{src}: no such folder (and not a hub id of the form owner/name)")
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if revision:
+        kwargs["revision"] = revision
+    if variant:
+        kwargs["variant"] = variant
+    try:
+        pipe = DiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False, **kwargs)
+    except TypeError:
+        pipe = DiffusionPipeline.from_pretrained(src, **kwargs)
+    source = {"id": None if local else src, "path": str(Path(src).resolve()) if local else None,
+              "revision": revision, "pipeline_class": type(pipe).__name__}
+    return pipe, source
+
+
+@contextmanager
+def atomic_bundle_dir(out: Path, *, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder that becomes ``out`` only if the block completes."""
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        _make_readable(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _make_readable(root: Path) -> None:
+    """mkdtemp/mkstemp create owner-only entries; give the bundle the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def write_support_files(pipe, root: Path, kind: str) -> None:
+    """Tokenizer, scheduler config and a diffusers-style model_index.json."""
+    pipe.tokenizer.save_pretrained(str(root / "tokenizer"))
+    pipe.scheduler.save_config(str(root / "scheduler"))
+    index = {"_class_name": type(pipe).__name__, "_latentrt_pipeline": kind,
+             "scheduler": ["diffusers", type(pipe.scheduler).__name__], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    write_json_atomic(root / "model_index.json", index)
+
+
+def export_bundle(
+    src,
+    out,
+    *,
+    precision: str = "fp32",
+    overwrite: bool = False,
+    revision: str | None = None,
+    pipe=None,
+    progress: Callable[[str], None] = print,
+    component_precision: dict[str, str] | None = None,
+    check: bool = True,
+) -> Manifest:
+    """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
+
+    ``pipe`` may be given (an already-loaded diffusers pipeline) to skip loading ``src``.
+    """
+    overrides = parse_component_precisions(precision, component_precision)
+    t0 = time.perf_counter()
+    if pipe is None:
+        progress(f"loading {src}")
+        pipe, source = load_pipeline(src, revision=revision)
+    else:
+        source = {"id": None, "path": str(src) if src else None, "revision": revision,
+                  "pipeline_class": type(pipe).__name__}
+    recipe = detect_kind(pipe)
+    constants = recipe.constants(pipe)
+    plans = recipe.components(pipe, constants)
+
+    dh, dw, m = constants["default_height"], constants["default_width"], constants["size_multiple"]
+    export_sizes = {"B": 1, "H": dh, "W": dw}
+    check_sizes = [export_sizes, {"B": 2, "H": dh, "W": dw + m}] if check else [export_sizes]
+
+    with atomic_bundle_dir(Path(out), overwrite=overwrite) as root:
+        entries = {}
+        for plan in plans:
+            name = plan.spec.name
+            prec = overrides.get(name, precision)
+            progress(f"exporting {name} ({prec})")
+            opts = ExportOptions(precision=prec, value_ranges=plan.value_ranges, progress=progress)
+            entry = export_component(plan.module, plan.spec, root / name, export_sizes=export_sizes,
+                                     check_sizes=check_sizes, options=opts, bundle_root=root)
+            p = entry.parity
+            progress(f"  {name}: max abs error vs torch {p['max_abs']:.2e} (relative {p['max_rel']:.2e}, "
+                     f"tolerance {p['tolerance']}) in {p['export_seconds']:.1f}s")
+            entries[name] = entry
+        write_support_files(pipe, root, recipe.kind)
+        manifest = Manifest(pipeline=recipe.kind, components=entries, constants=constants, source=source,
+                            precision=precision, tools=tool_versions())
+        manifest.extra["export_seconds"] = round(time.perf_counter() - t0, 2)
+        manifest.write(root)
+    progress(f"wrote {out} ({manifest.extra['export_seconds']:.1f}s)")
+    return manifest
+
+

@@ -1,0 +1,77 @@
+"""Precision of exported graphs.
+
+fp16 graphs are traced from a half-precision copy of the torch module, so the ONNX graph carries
+exactly the casts diffusers itself makes in fp16 (the sinusoidal timestep embedding is computed in
+fp32 and cast, attention and norms follow the model's own upcast settings). Precision therefore
+lives in the graph, as strongly typed TensorRT networks require. Inputs listed in
+``FP32_INPUTS`` stay float32 whatever the precision (fractional Euler timesteps would round in fp16).
+
+We tried ONNX-level conversion (onnxconverter-common 1.16 ``convert_float_to_float16``) first: on
+these graphs (onnx 1.23, opset 17) it leaves inconsistent Cast/Concat types that ONNX Runtime refuses
+to load, with or without an op block list.
+"""
+
+from __future__ import annotations
+
+PRECISIONS = ("fp32", "fp16")
+FP32_INPUTS = ("timestep",)
+
+
+def parse_component_precisions(precision: str, overrides: dict[str, str] | None = None) -> dict:
+    """``precision`` for every component, with per-component ``overrides`` (e.g. {"vae_decoder": "fp32"})."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    for name, p in (overrides or {}).items():
+        if p not in PRECISIONS:
+            raise ValueError(f"precision of {name} must be one of {PRECISIONS}; got {p!r}")
+    return dict(overrides or {})
+
+
+def harmonize_float_types(model, max_passes: int = 8):
+    """Make every node's float inputs share one type, as torch's type promotion does.
+
+    torch runs some ops with mixed float inputs (transformers 5 keeps the CLIP residual stream in
+    fp32 under a half model, so LayerNorm sees fp32 activations with fp16 weights); ONNX requires
+    one type. Each such input in fp16 is cast up to fp32 (initializers are converted in place when
+    nothing else uses them), which keeps those norms in fp32. Repeats until type inference finds
+    no mixed node.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+    for _ in range(max_passes):
+        inferred = onnx.shape_inference.infer_shapes(model)
+        g = inferred.graph
+        types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+        inits = {i.name: i for i in model.graph.initializer}
+        types.update({n: i.data_type for n, i in inits.items()})
+        uses: dict[str, int] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                uses[i] = uses.get(i, 0) + 1
+        changed = False
+        new_nodes = []
+        for n in model.graph.node:
+            kinds = {types.get(i) for i in n.input if types.get(i) in floats}
+            if len(kinds) > 1 and n.op_type not in ("Cast", "Shape", "Reshape", "Expand", "Slice", "Resize"):
+                for k, name in enumerate(n.input):
+                    if types.get(name) != TensorProto.FLOAT16:
+                        continue
+                    if name in inits and uses.get(name) == 1:
+                        arr = numpy_helper.to_array(inits[name]).astype(np.float32)
+                        inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+                    else:
+                        cast_out = f"{name}__to_fp32__{len(new_nodes)}"
+                        new_nodes.append(helper.make_node("Cast", [name], [cast_out], to=TensorProto.FLOAT,
+                                                          name=f"{n.name}/upcast{k}"))
+                        n.input[k] = cast_out
+                changed = True
+            new_nodes.append(n)
+        if not changed:
+            return model
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        del model.graph.value_info[:]
+    raise RuntimeError("could not make the fp16 graph's types consistent")

@@ -1,0 +1,176 @@
+"""The bundle manifest (``latentrt.json``): read, write, validate.
+
+Shared by export (which writes it) and the runtime (which refuses a bundle whose schema, files or
+hashes do not match). Pure stdlib: no numpy, no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .components import ComponentSpec
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "latentrt.json"
+FORMAT = "latentrt-bundle"
+REEXPORT_HINT = "re-export it with `latentrt export SRC -o BUNDLE`"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, corrupted or of an unknown schema."""
+
+
+@dataclass
+class ComponentEntry:
+    """One exported model file of a bundle and what it computes."""
+
+    name: str
+    path: str  # relative to the bundle, the .onnx file
+    spec: ComponentSpec
+    precision: str = "fp32"
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 (the .onnx and its external data)
+    sizes: dict[str, int] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {"path": self.path, "precision": self.precision, **self.spec.to_dict(), "files": self.files,
+             "sizes": self.sizes, "parity": self.parity}
+        if self.extra:
+            d["extra"] = self.extra
+        return d
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> "ComponentEntry":
+        return cls(name, d["path"], ComponentSpec.from_dict(name, d), d.get("precision", "fp32"),
+                   dict(d.get("files", {})), dict(d.get("sizes", {})), dict(d.get("parity", {})),
+                   dict(d.get("extra", {})))
+
+
+@dataclass
+class Manifest:
+    pipeline: str  # "lcm", "sd", ... : picks the runtime pipeline class
+    components: dict[str, ComponentEntry]
+    constants: dict[str, Any]
+    source: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    tools: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # engines, loras, tiny vae... owned by their features
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "schema_version": self.schema_version,
+            "pipeline": self.pipeline,
+            "precision": self.precision,
+            "source": self.source,
+            "constants": self.constants,
+            "components": {k: v.to_dict() for k, v in self.components.items()},
+            "tools": self.tools,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        return cls(
+            pipeline=d["pipeline"],
+            components={k: ComponentEntry.from_dict(k, v) for k, v in d["components"].items()},
+            constants=dict(d.get("constants", {})),
+            source=dict(d.get("source", {})),
+            precision=d.get("precision", "fp32"),
+            tools=dict(d.get("tools", {})),
+            extra=dict(d.get("extra", {})),
+            schema_version=d["schema_version"],
+        )
+
+    def write(self, bundle: str | os.PathLike) -> None:
+        write_json_atomic(Path(bundle) / MANIFEST_NAME, self.to_dict())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON next to ``path`` and rename it into place, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(bundle: str | os.PathLike) -> Manifest:
+    """Parse and check the schema of a bundle's manifest (files are checked by :func:`verify_files`)."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: no such bundle directory; create one with `latentrt export SRC -o {bundle}`")
+    path = bundle / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{bundle}: not a latentrt bundle ({MANIFEST_NAME} is missing); {REEXPORT_HINT}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: unreadable manifest ({e}); {REEXPORT_HINT}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a latentrt manifest (no format {FORMAT!r}); {REEXPORT_HINT}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path}: bundle schema version {version!r} is not supported by this latentrt "
+            f"(it reads version {SCHEMA_VERSION}); {REEXPORT_HINT} with this version of latentrt"
+        )
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {e}); {REEXPORT_HINT}") from None
+
+
+def verify_files(bundle: str | os.PathLike, manifest: Manifest, components=None, *, cache: dict | None = None) -> dict:
+    """Check that every file of the named components exists with its recorded size and sha256.
+
+    ``cache`` maps relative path -> [size, mtime_ns, sha256] of files already hashed; a file whose
+    size and mtime are unchanged is not hashed again (that is what makes a second load fast). The
+    updated cache is returned.
+    """
+    bundle = Path(bundle)
+    cache = dict(cache or {})
+    names = components if components is not None else list(manifest.components)
+    for name in names:
+        if name not in manifest.components:
+            raise BundleError(f"{bundle}: the manifest has no component {name!r}; {REEXPORT_HINT}")
+        entry = manifest.components[name]
+        for rel, digest in entry.files.items():
+            p = bundle / rel
+            if not p.is_file():
+                raise BundleError(f"{bundle}: component {name!r} is incomplete: {rel} is missing; {REEXPORT_HINT}")
+            st = p.stat()
+            expected_size = entry.sizes.get(rel)
+            if expected_size is not None and st.st_size != expected_size:
+                raise BundleError(
+                    f"{bundle}: {rel} is corrupted (size {st.st_size}, manifest says {expected_size}); {REEXPORT_HINT}"
+                )
+            hit = cache.get(rel)
+            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns and hit[2] == digest:
+                continue
+            actual = sha256_file(p)
+            if actual != digest:
+                raise BundleError(f"{bundle}: {rel} is corrupted (sha256 does not match the manifest); {REEXPORT_HINT}")
+            cache[rel] = [st.st_size, st.st_mtime_ns, digest]
+    return cache

@@ -1,0 +1,92 @@
+"""A bundle opened by the runtime: manifest checked, files verified, engines created.
+
+Verification hashes every model file once; the hashes are remembered (by size and mtime) in the
+bundle's cache folder, so a second load of an unchanged bundle skips the hashing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..manifest import BundleError, Manifest, read_manifest, verify_files, write_json_atomic
+from .engines import engine_factory
+
+VERIFY_CACHE = "verified.json"
+
+
+def cache_dir_for(bundle: Path) -> Path:
+    """``BUNDLE/.cache`` when writable, else a per-bundle folder under ``$LATENTRT_CACHE`` or ~/.cache."""
+    env = os.environ.get("LATENTRT_CACHE")
+    if not env:
+        local = bundle / ".cache"
+        try:
+            local.mkdir(exist_ok=True)
+            if os.access(local, os.W_OK):
+                return local
+        except OSError:
+            pass
+    root = Path(env) if env else Path.home() / ".cache" / "latentrt"
+    key = hashlib.sha256(str(bundle.resolve()).encode()).hexdigest()[:16]
+    path = root / f"{bundle.name}-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Bundle:
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
+        self.path = Path(path)
+        self.manifest: Manifest = read_manifest(self.path)
+        self.cache_dir = cache_dir_for(self.path)
+        if verify:
+            self.verify()
+
+    def verify(self, components: Iterable[str] | None = None) -> None:
+        cache_file = self.cache_dir / VERIFY_CACHE
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        updated = verify_files(self.path, self.manifest, components, cache=cache)
+        if updated != cache:
+            try:
+                write_json_atomic(cache_file, updated)
+            except OSError:
+                pass
+
+    @property
+    def constants(self) -> dict[str, Any]:
+        return self.manifest.constants
+
+    def has(self, component: str) -> bool:
+        return component in self.manifest.components
+
+    def component_sha(self, component: str) -> str:
+        entry = self.manifest.components[component]
+        return entry.files.get(entry.path, "")
+
+    def engine(self, component: str, backend: str = "onnxruntime", device: str = "cpu", **options):
+        if component not in self.manifest.components:
+            raise BundleError(f"{self.path}: no component {component!r} in this bundle "
+                              f"(it has {', '.join(self.manifest.components)})")
+        entry = self.manifest.components[component]
+        factory = engine_factory(backend)
+        return factory(
+            component, self.path / entry.path, entry.spec.inputs, entry.spec.outputs, device=device,
+            cache_dir=self.cache_dir, model_sha=self.component_sha(component), manifest_entry=entry,
+            bundle=self, **options,
+        )
+
+    def scheduler_config(self) -> dict:
+        path = self.path / "scheduler" / "scheduler_config.json"
+        if not path.is_file():
+            raise BundleError(f"{self.path}: scheduler/scheduler_config.json is missing; re-export the bundle")
+        return json.loads(path.read_text())
+
+    def tokenizer(self, subfolder: str = "tokenizer"):
+        from .tokenizer import CLIPTokenizer
+
+        return CLIPTokenizer.from_dir(self.path / subfolder)

@@ -1,0 +1,65 @@
+"""The engine interface every backend implements.
+
+``engine(**inputs) -> dict[name, array]``, with ``engine.inputs`` / ``engine.outputs`` the
+component's specs. Inputs are checked against the specs (rank, fixed dims, consistent sizes) and
+float inputs are cast to the dtype the model was exported with, so pipelines can keep their own
+arithmetic in float32 whatever the precision of the engines.
+
+Lifetime of outputs: a backend documents it in :attr:`Engine.outputs_are_reused`. When it is
+True (TensorRT, CUDA graphs) an output buffer is overwritten by the next call of the same engine,
+so callers that keep an output across calls must copy it. The pipelines only read an output
+before the next call of the same engine, and the scheduler step makes new arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from ...spec import SpecError, TensorSpec, bind_sizes
+
+
+class Engine:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    #: True when an output buffer is reused (overwritten) by the next call of the same engine.
+    outputs_are_reused: bool = False
+    #: size limits {symbol: (min, max)} this engine accepts, when it has any (TensorRT profiles).
+    limits: dict[str, tuple[int, int]] = {}
+
+    def __init__(self, name: str, inputs, outputs):
+        self.name = name
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(outputs)
+        self._dtypes = {s.name: np.dtype(s.dtype) for s in self.inputs}
+
+    def __call__(self, **inputs: Any) -> dict[str, Any]:
+        arrays = {k: self.cast(k, v) for k, v in inputs.items() if k in self._dtypes}
+        arrays.update({k: v for k, v in inputs.items() if k not in self._dtypes})
+        sizes = bind_sizes(self.inputs, arrays, component=self.name)
+        self.check_limits(sizes)
+        return self.run(arrays)
+
+    def cast(self, name: str, value: Any):
+        """Cast float inputs to the engine's dtype; backends with device tensors override this."""
+        want = self._dtypes[name]
+        value = np.asarray(value)
+        if value.dtype != want and value.dtype.kind == want.kind:
+            value = value.astype(want)
+        return np.ascontiguousarray(value)
+
+    def check_limits(self, sizes: Mapping[str, int]) -> None:
+        for sym, (lo, hi) in self.limits.items():
+            if sym in sizes and not lo <= sizes[sym] <= hi:
+                raise SpecError(
+                    f"{self.name}: {sym}={sizes[sym]} is outside the engine's profile range [{lo}, {hi}]; "
+                    "rebuild the engine with a profile that covers it (latentrt build --profile ...)"
+                )
+
+    def run(self, arrays: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,185 @@
+"""What every SD-family pipeline shares: engines, prompt encoding, image <-> latents, checks.
+
+A pipeline subclass is composition only: encode text, prepare latents, loop, decode. Arrays are
+numpy on the CPU path; arithmetic stays in float32 whatever the engines' precision (the engines
+cast at their boundary).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..image import postprocess, to_nchw
+from ..random import NoiseSource, randn
+from ..schedulers import Scheduler, get_scheduler
+from ..timing import StageTimer
+
+logger = logging.getLogger("latentrt")
+
+
+@dataclass
+class PipelineOutput:
+    images: Any  # list of PIL images, NHWC float array in [0, 1], or latents (NCHW)
+    timings: dict[str, list[float]] = field(default_factory=dict)
+    nsfw_content_detected: Any = None
+
+    def __iter__(self):  # `images, = pipe(...)` style unpacking, like return_dict=False in diffusers
+        yield self.images
+
+
+class BasePipeline:
+    #: components the pipeline cannot run without / uses when present
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+
+    def __init__(self, bundle: Bundle, *, backend: str = "onnxruntime", device: str = "cpu", **engine_options):
+        self.bundle = bundle
+        self.backend = backend
+        self.device = device
+        missing = [c for c in self.required if not bundle.has(c)]
+        if missing:
+            raise ValueError(f"{bundle.path}: a {type(self).__name__} needs components {missing} that this bundle lacks")
+        names = [c for c in (*self.required, *self.optional) if bundle.has(c)]
+        self.engines = {c: bundle.engine(c, backend, device, **engine_options) for c in names}
+        self.tokenizer = bundle.tokenizer() if bundle.has("text_encoder") else None
+        self.scheduler_config = bundle.scheduler_config()
+        self.scheduler: Scheduler = get_scheduler(self.scheduler_config)
+        self.constants = bundle.constants
+        self.vae_scale_factor = int(self.constants.get("vae_scale_factor", 8))
+        self.timer = StageTimer()
+        self.last_timings: dict[str, list[float]] = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+    def run(self, component: str, **inputs) -> dict[str, Any]:
+        with self.timer(component):
+            return self.engines[component](**inputs)
+
+    def get_scheduler(self, scheduler: str | Scheduler | None) -> Scheduler:
+        """The bundle's scheduler, or another diffusers class name built from the bundle's config."""
+        if scheduler is None:
+            return self.scheduler
+        if isinstance(scheduler, Scheduler):
+            return scheduler
+        return get_scheduler(self.scheduler_config, scheduler)
+
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        h = height or int(self.constants["default_height"])
+        w = width or int(self.constants["default_width"])
+        m = int(self.constants.get("size_multiple", self.vae_scale_factor))
+        for name, v in (("height", h), ("width", w)):
+            if not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {v!r}")
+            if v % 8:
+                raise ValueError(f"{name}={v} is not a multiple of 8; use {v - v % 8 or 8} or {v + 8 - v % 8}")
+            if v % m:
+                raise ValueError(
+                    f"{name}={v} is not a multiple of {m}, which this bundle's UNet needs (its latents are "
+                    f"downsampled {m // self.vae_scale_factor}x); use {v - v % m or m} or {v + m - v % m}"
+                )
+        return int(h), int(w)
+
+    @staticmethod
+    def prompt_list(prompt, prompt_embeds) -> tuple[list[str] | None, int]:
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass a prompt (str or list of str) or prompt_embeds")
+        if prompt is None:
+            pe = np.asarray(prompt_embeds)
+            if pe.ndim != 3:
+                raise ValueError(f"prompt_embeds must have shape (batch, seq_len, dim); got {pe.shape}")
+            return None, pe.shape[0]
+        if isinstance(prompt, str):
+            return [prompt], 1
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            return list(prompt), len(prompt)
+        raise TypeError(f"prompt must be a str or a non-empty list of str; got {type(prompt).__name__}")
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        ids = self.tokenizer(list(prompts))
+        lengths = self.tokenizer.untruncated_length(list(prompts))
+        limit = self.tokenizer.model_max_length
+        for p, n in zip(prompts, lengths):
+            if n > limit:
+                logger.warning("prompt truncated to %d CLIP tokens (it has %d): %r", limit, n, p)
+        return ids
+
+    def text_embeddings(self, prompts: Sequence[str], clip_skip: int | None = None) -> dict[str, np.ndarray]:
+        """Run the text encoder; ``hidden`` is what the UNet's cross-attention gets."""
+        out = self.run("text_encoder", input_ids=self.tokenize(prompts))
+        if clip_skip is None:
+            hidden = out["last_hidden_state"]
+        else:
+            stack = out["normed_hidden_states"]
+            if not 0 <= clip_skip < stack.shape[0] - 1:
+                raise ValueError(f"clip_skip must be in [0, {stack.shape[0] - 2}] for this text encoder; got {clip_skip}")
+            hidden = stack[-(clip_skip + 1)]
+        return {"hidden": np.asarray(hidden, dtype=np.float32), "pooled": np.asarray(out["pooler_output"], np.float32)}
+
+    @staticmethod
+    def repeat_per_prompt(x: np.ndarray, n: int) -> np.ndarray:
+        """[p0, p1] -> [p0, p0, p1, p1] for n=2 (diffusers' repeat + view)."""
+        return np.repeat(np.asarray(x, dtype=np.float32), n, axis=0)
+
+    # -- latents <-> images -----------------------------------------------------------------------
+    def is_latents(self, image: Any) -> bool:
+        c = int(self.constants["latent_channels"])
+        return (isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == c
+                and image.shape[-1] > 4 and image.dtype.kind == "f")
+
+    def encode_image(self, image: Any, batch_size: int, rng: NoiseSource) -> np.ndarray:
+        """Image -> scaled latents for ``batch_size`` images, drawing as diffusers does
+        (one latent-distribution sample per input image, then repeated to the batch)."""
+        if self.is_latents(image):
+            init = np.asarray(image, dtype=np.float32)
+        else:
+            pixels = to_nchw(image, vae_scale_factor=self.vae_scale_factor)
+            params = self.run("vae_encoder", sample=pixels)["latent_parameters"]
+            init = self.sample_latent_dist(np.asarray(params, np.float32), rng) * float(self.constants["vae_scaling_factor"])
+        n = init.shape[0]
+        if batch_size % n:
+            raise ValueError(f"cannot repeat {n} input images to a batch of {batch_size}; pass 1 or {batch_size} images")
+        return np.concatenate([init] * (batch_size // n), axis=0) if batch_size > n else init
+
+    @staticmethod
+    def sample_latent_dist(params: np.ndarray, rng: NoiseSource) -> np.ndarray:
+        """diffusers' DiagonalGaussianDistribution(parameters).sample()."""
+        mean, logvar = np.split(params, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        return mean + std * randn(rng, mean.shape)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return np.asarray(
+            self.run("vae_decoder", latent_sample=latents / float(self.constants["vae_scaling_factor"]))["sample"],
+            dtype=np.float32,
+        )
+
+    def finish(self, latents: np.ndarray, output_type: str) -> PipelineOutput:
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
+        images = latents if output_type == "latent" else postprocess(self.decode(latents), output_type)
+        return PipelineOutput(images=images, timings=self.timer.as_dict())
+
+    def start_call(self) -> None:
+        self.timer = StageTimer()
+
+    def end_call(self, out: PipelineOutput) -> PipelineOutput:
+        self.last_timings = out.timings = self.timer.as_dict()
+        return out
+
+    @staticmethod
+    def call_callbacks(pipe, i: int, t, tensors: dict, callback_on_step_end: Callable | None,
+                       callback: Callable | None) -> dict:
+        """diffusers' ``callback_on_step_end(pipe, i, t, kwargs) -> dict`` (may replace latents) and the
+        simple ``callback(i, t, latents)``."""
+        if callback_on_step_end is not None:
+            updates = callback_on_step_end(pipe, i, t, dict(tensors)) or {}
+            tensors = {**tensors, **{k: v for k, v in updates.items() if k in tensors}}
+        if callback is not None:
+            callback(i, t, tensors["latents"])
+        return tensors

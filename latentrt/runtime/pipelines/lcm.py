@@ -1,0 +1,119 @@
+"""Latent Consistency Models: text-to-image and image-to-image in one pipeline object.
+
+Mirrors diffusers' ``LatentConsistencyModelPipeline`` and ``LatentConsistencyModelImg2ImgPipeline``:
+passing ``image`` (with ``strength``) turns text-to-image into image-to-image. LCM has no batch
+doubling: guidance enters as the UNet's ``timestep_cond`` embedding of ``w = guidance_scale - 1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+
+from ..random import as_noise_source, randn
+from .base import BasePipeline, PipelineOutput
+
+logger = logging.getLogger("latentrt")
+
+
+def guidance_scale_embedding(w: np.ndarray, embedding_dim: int) -> np.ndarray:
+    """diffusers' ``get_guidance_scale_embedding``: sinusoidal embedding of ``w * 1000`` in float32."""
+    w = np.asarray(w, dtype=np.float32) * np.float32(1000.0)
+    half = embedding_dim // 2
+    scale = np.float32(np.log(np.float32(10000.0))) / np.float32(half - 1)
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -scale)
+    emb = w[:, None] * freqs[None, :]
+    emb = np.concatenate([np.sin(emb), np.cos(emb)], axis=1)
+    if embedding_dim % 2:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)
+
+
+class LCMPipeline(BasePipeline):
+    required = ("text_encoder", "unet", "vae_decoder")
+    optional = ("vae_encoder",)
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 4,
+        original_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 8.5,
+        num_images_per_prompt: int = 1,
+        generator: Any = None,
+        latents: np.ndarray | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        strength: float = 0.8,
+        output_type: str = "pil",
+        clip_skip: int | None = None,
+        scheduler: str | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback: Callable | None = None,
+        negative_prompt: Any = None,
+    ) -> PipelineOutput:
+        self.start_call()
+        if negative_prompt is not None:
+            logger.warning("LCM does not use classifier-free guidance: negative_prompt has no effect")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
+        img2img = image is not None
+        if img2img and not self.bundle.has("vae_encoder") and not self.is_latents(image):
+            raise ValueError(f"{self.bundle.path}: image-to-image needs a vae_encoder, which this bundle lacks")
+        if not img2img:
+            height, width = self.default_size(height, width)
+        prompts, batch = self.prompt_list(prompt, prompt_embeds)
+        sched = self.get_scheduler(scheduler)
+        plan = sched.plan(None if timesteps is not None else num_inference_steps, timesteps=timesteps, original_inference_steps=original_inference_steps,
+                          strength=strength if img2img else 1.0)
+        rng = as_noise_source(generator)
+        bs = batch * num_images_per_prompt
+
+        if prompts is not None:
+            embeds = self.text_embeddings(prompts, clip_skip)["hidden"]
+        else:
+            embeds = np.asarray(prompt_embeds, dtype=np.float32)
+        embeds = self.repeat_per_prompt(embeds, num_images_per_prompt)
+
+        if img2img:
+            init = self.encode_image(image, bs, rng)
+            self.default_size(init.shape[2] * self.vae_scale_factor, init.shape[3] * self.vae_scale_factor)
+            latents = sched.add_noise(plan, init, randn(rng, init.shape), 0)
+        else:
+            shape = (bs, int(self.constants["unet_in_channels"]), height // self.vae_scale_factor,
+                     width // self.vae_scale_factor)
+            if latents is None:
+                latents = randn(rng, shape)
+            else:
+                latents = np.asarray(latents, dtype=np.float32)
+                if latents.shape != shape:
+                    raise ValueError(f"latents have shape {latents.shape}; expected {shape} for this call")
+            latents = latents * np.float32(plan.init_noise_sigma)
+
+        w_embedding = guidance_scale_embedding(np.full(bs, guidance_scale - 1.0, dtype=np.float32),
+                                               int(self.constants["time_cond_proj_dim"]))
+        latents, denoised = self.denoise(sched, plan, latents, embeds, w_embedding, rng,
+                                         callback_on_step_end, callback)
+        return self.end_call(self.finish(denoised, output_type))
+
+    def denoise(self, sched, plan, latents, embeds, w_embedding, rng, callback_on_step_end=None, callback=None):
+        state = sched.init_state(plan)
+        denoised = latents
+        bs = latents.shape[0]
+        for i, t in enumerate(plan.timesteps):
+            model_in = sched.scale_model_input(plan, i, latents)
+            pred = self.run("unet", sample=model_in, timestep=np.full(bs, t, dtype=np.float32),
+                            encoder_hidden_states=embeds, timestep_cond=w_embedding)["out_sample"]
+            pred = np.asarray(pred, dtype=np.float32)
+            noise = randn(rng, pred.shape) if sched.noise_needed(plan, i) else None
+            latents, denoised, state = sched.step(plan, i, pred, latents, state, noise=noise)
+            tensors = self.call_callbacks(self, i, t, {"latents": latents, "denoised": denoised},
+                                          callback_on_step_end, callback)
+            latents, denoised = tensors["latents"], tensors["denoised"]
+        return latents, denoised

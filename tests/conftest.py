@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random diffusers pipelines and the bundles exported from them.
+
+Everything is built in code (no network) once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LATENTRT_THREADS", "2")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip GPU / TensorRT tests where there is no GPU / TensorRT; they are never faked."""
+    have_cuda = _have_cuda()
+    have_trt = _have_module("tensorrt") and have_cuda
+    for item in items:
+        if "gpu" in item.keywords and not have_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "tensorrt" in item.keywords and not have_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU"))
+
+
+def _have_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _have_cuda() -> bool:
+    if not _have_module("torch"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_dir(tmp_path_factory):
+    from latentrt.export.tiny import save_tiny_lcm
+
+    return save_tiny_lcm(tmp_path_factory.mktemp("models") / "tiny-lcm")
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_pipe(tiny_lcm_dir):
+    """The diffusers reference pipeline, loaded from the saved folder like a hub checkpoint."""
+    import torch
+    from diffusers import LatentConsistencyModelPipeline
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained(str(tiny_lcm_dir), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _export(src, out, **kw):
+    from latentrt.export.bundle import export_bundle
+
+    export_bundle(src, out, progress=lambda *_: None, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lcm_bundle(tiny_lcm_dir, tmp_path_factory):
+    return _export(tiny_lcm_dir, tmp_path_factory.mktemp("bundles") / "lcm-fp32")
+
+
+@pytest.fixture(scope="session")
+def lcm_bundle_fp16(tiny_lcm_dir, tmp_path_factory):
+    return _export(tiny_lcm_dir, tmp_path_factory.mktemp("bundles") / "lcm-fp16", precision="fp16")
+
+
+@pytest.fixture
+def rgb_image():
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    return Image.fromarray(rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8))
