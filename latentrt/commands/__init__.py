@@ -1,0 +1,1 @@
+"""Subcommands of the ``latentrt`` CLI, one module each (see :mod:`latentrt.cli`)."""

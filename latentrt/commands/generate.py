@@ -1,0 +1,107 @@
+"""latentrt generate BUNDLE PROMPT: text-to-image, or image-to-image with --image/--strength."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_runtime_args(p) -> None:
+    """Options shared by every command that loads a bundle."""
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), torch or tensorrt")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or tensorrt (onnxruntime EP)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the CPUs available)")
+
+
+def engine_options(args) -> dict:
+    return {"threads": args.threads} if getattr(args, "threads", None) else {}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate images from a bundle")
+    p.add_argument("bundle")
+    p.add_argument("prompt")
+    p.add_argument("--image", help="input image for image-to-image")
+    p.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1] (default 0.8)")
+    p.add_argument("--steps", type=int, default=4, help="num_inference_steps (default 4)")
+    p.add_argument("--guidance", type=float, default=8.5, help="guidance_scale (default 8.5)")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", help="diffusers scheduler class name to use instead of the bundle's")
+    p.add_argument("--clip-skip", type=int)
+    p.add_argument("-o", "--output", default="latentrt-out", help="output folder (default latentrt-out)")
+    p.add_argument("--no-progress", action="store_true")
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+
+
+def call_kwargs(args) -> dict:
+    kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
+              generator=args.seed, height=args.height, width=args.width, clip_skip=args.clip_skip,
+              scheduler=args.scheduler)
+    if args.negative_prompt is not None:
+        kw["negative_prompt"] = args.negative_prompt
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def progress_callback(total: int, enabled: bool):
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
+    return (lambda i, t, latents: bar.update(1)), bar.close
+
+
+def save_images(images, out_dir: Path, settings: dict, stem: str = "image") -> list[Path]:
+    from PIL.PngImagePlugin import PngInfo
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = PngInfo()
+    meta.add_text("latentrt", json.dumps(settings, sort_keys=True))
+    paths = []
+    for k, img in enumerate(images):
+        path = out_dir / f"{stem}-{settings.get('seed', 0)}-{k}.png"
+        img.save(path, pnginfo=meta)
+        paths.append(path)
+    return paths
+
+
+def print_timings(timings: dict, total: float, file=sys.stdout) -> None:
+    for stage, times in timings.items():
+        detail = f" ({len(times)} calls, {1000 * sum(times) / len(times):.1f} ms each)" if len(times) > 1 else ""
+        print(f"  {stage:<14} {1000 * sum(times):9.1f} ms{detail}", file=file)
+    print(f"  {'total':<14} {1000 * total:9.1f} ms", file=file)
+
+
+def run(args) -> int:
+    import latentrt
+
+    pipe = latentrt.load(args.bundle, backend=args.backend, device=args.device, **engine_options(args))
+    kw = call_kwargs(args)
+    if args.image:
+        from PIL import Image
+
+        kw.update(image=Image.open(args.image), strength=args.strength)
+    try:
+        steps = len(pipe.get_scheduler(args.scheduler).plan(args.steps, strength=kw.get("strength", 1.0)))
+    except (AttributeError, TypeError):  # pipelines whose loop is not one scheduler plan
+        steps = None
+    cb, close = progress_callback(steps, not args.no_progress)
+    t0 = time.perf_counter()
+    try:
+        out = pipe(args.prompt, output_type="pil", callback=cb, **kw)
+    finally:
+        close()
+    total = time.perf_counter() - t0
+    settings = {"prompt": args.prompt, "bundle": str(args.bundle), **{k: v for k, v in kw.items() if k != "image"},
+                "seed": args.seed, "image": args.image, "backend": args.backend, "device": args.device}
+    for path in save_images(out.images, Path(args.output), settings):
+        print(f"wrote {path}")
+    print_timings(out.timings, total)
+    return 0
