@@ -46,6 +46,8 @@ class BasePipeline:
             raise ValueError(f"{bundle.path}: a {type(self).__name__} needs components {missing} that this bundle lacks")
         names = [c for c in (*self.required, *self.optional) if bundle.has(c)]
         self.engines = {c: bundle.engine(c, backend, device, **engine_options) for c in names}
+        self._engine_options = dict(engine_options)  # for engines created later (the tiny VAE)
+        self.vae_choice = "full"  # "full" | "tiny" (TAESD), chosen per call by select_vae
         self.tokenizer = bundle.tokenizer() if bundle.has("text_encoder") else None
         self.scheduler_config = bundle.scheduler_config()
         self.scheduler: Scheduler = get_scheduler(self.scheduler_config)
@@ -137,6 +139,12 @@ class BasePipeline:
         (one latent-distribution sample per input image, then repeated to the batch)."""
         if self.is_latents(image):
             init = np.asarray(image, dtype=np.float32)
+        elif getattr(self, "vae_choice", "full") == "tiny":  # TAESD encodes to latents directly: no draw
+            if not self.bundle.has("tiny_vae_encoder"):
+                raise ValueError(f"{self.bundle.path}: image-to-image with vae='tiny' needs tiny_vae_encoder, which "
+                                 "this bundle lacks; use vae='full' or re-export with --tiny-vae")
+            pixels = to_nchw(image, vae_scale_factor=self.vae_scale_factor)
+            init = np.asarray(self.run("tiny_vae_encoder", sample=pixels)["latents"], np.float32) * self.vae_scaling()
         else:
             pixels = to_nchw(image, vae_scale_factor=self.vae_scale_factor)
             params = self.run("vae_encoder", sample=pixels)["latent_parameters"]
@@ -154,19 +162,50 @@ class BasePipeline:
         return mean + std * randn(rng, mean.shape)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
+        if getattr(self, "vae_choice", "full") == "tiny":
+            out = self.run("tiny_vae_decoder", latent_sample=latents / self.vae_scaling())["sample"]
+            return np.asarray(out, dtype=np.float32)
         return np.asarray(
             self.run("vae_decoder", latent_sample=latents / float(self.constants["vae_scaling_factor"]))["sample"],
             dtype=np.float32,
         )
 
-    def finish(self, latents: np.ndarray, output_type: str) -> PipelineOutput:
+    @staticmethod
+    def check_output_type(output_type: str) -> None:
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
+
+    def finish(self, latents: np.ndarray, output_type: str) -> PipelineOutput:
+        self.check_output_type(output_type)
         images = latents if output_type == "latent" else postprocess(self.decode(latents), output_type)
         return PipelineOutput(images=images, timings=self.timer.as_dict())
 
     def start_call(self) -> None:
         self.timer = StageTimer()
+        self.vae_choice = "full"
+
+    #: per VAE choice: (decoder, encoder) component names
+    VAE_COMPONENTS = {"full": ("vae_decoder", "vae_encoder"), "tiny": ("tiny_vae_decoder", "tiny_vae_encoder")}
+
+    def select_vae(self, vae: str | None) -> None:
+        """Use the full VAE (``"full"``, default) or the bundle's TAESD (``"tiny"``) for this call's
+        ``decode`` / ``encode_image``. Tiny engines are created on first use, so bundles that carry
+        TAESD cost nothing extra when it is not used."""
+        vae = vae or "full"
+        if vae not in self.VAE_COMPONENTS:
+            raise ValueError(f"vae must be 'full' or 'tiny'; got {vae!r}")
+        if vae == "tiny":
+            if not self.bundle.has("tiny_vae_decoder"):
+                raise ValueError(f"{self.bundle.path}: vae='tiny' needs a tiny VAE (TAESD), which this bundle lacks; "
+                                 "re-export it with `latentrt export SRC -o BUNDLE --tiny-vae madebyollin/taesd`")
+            for c in self.VAE_COMPONENTS["tiny"]:
+                if c not in self.engines and self.bundle.has(c):
+                    self.engines[c] = self.bundle.engine(c, self.backend, self.device, **self._engine_options)
+        self.vae_choice = vae
+
+    def vae_scaling(self) -> float:
+        key = "tiny_vae_scaling_factor" if self.vae_choice == "tiny" else "vae_scaling_factor"
+        return float(self.constants[key])
 
     def end_call(self, out: PipelineOutput) -> PipelineOutput:
         self.last_timings = out.timings = self.timer.as_dict()

@@ -57,8 +57,11 @@ class LCMPipeline(BasePipeline):
         callback_on_step_end: Callable | None = None,
         callback: Callable | None = None,
         negative_prompt: Any = None,
+        vae: str = "full",
     ) -> PipelineOutput:
         self.start_call()
+        self.select_vae(vae)  # "full" or "tiny" (TAESD, when the bundle has it)
+        self.check_output_type(output_type)
         if negative_prompt is not None:
             logger.warning("LCM does not use classifier-free guidance: negative_prompt has no effect")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
