@@ -118,6 +118,7 @@ class DDPMScheduler(Scheduler):
         """``add_noise(x, noise, timestep)`` at a training timestep (unCLIP's ``noise_level``)."""
         t = int(timestep)
         if not 0 <= t < self.num_train_timesteps:
-            raise ValueError(f"timestep must be in [0, {self.num_train_timesteps - 1}] (num_train_timesteps - 1), got {t}")
+            raise ValueError(f"timestep must be in [0, {self.num_train_timesteps - 1}] "
+                             f"(num_train_timesteps - 1), got {t}")
         ac = self.alphas_cumprod[t].astype(coef_dtype(original_samples))
         return original_samples * float(np.sqrt(ac)) + noise * float(np.sqrt(ac.dtype.type(1) - ac))
