@@ -75,8 +75,10 @@ class LCMScheduler(Scheduler):
 
     def noise_needed(self, plan: Plan, i: int, **step_kwargs) -> bool:
         super().noise_needed(plan, i, **step_kwargs)
-        # diffusers: `step_index != num_inference_steps - 1` (with a cut custom schedule: every step)
-        return i != plan.num_inference_steps - 1
+        # diffusers: `step_index != num_inference_steps - 1` (with a cut custom schedule: every step).
+        # step_index counts from the begin index that StableDiffusionImg2ImgPipeline sets after its
+        # strength cut (plan.begin_index; 0 for the LCM pipelines' own plans).
+        return plan.begin_index + i != plan.num_inference_steps - 1
 
     def boundary_condition(self, t: int) -> tuple[np.float32, np.float32]:
         """c_skip, c_out (float32, as diffusers gets them from an int64 timestep tensor)."""

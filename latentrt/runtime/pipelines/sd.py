@@ -1,0 +1,109 @@
+"""Stable Diffusion 1.x / 2.x: text-to-image and image-to-image in one pipeline object.
+
+Mirrors diffusers' ``StableDiffusionPipeline`` and ``StableDiffusionImg2ImgPipeline`` (passing
+``image`` with ``strength`` switches to image-to-image, as diffusers' AutoPipeline does), with
+classifier-free guidance by batch doubling (see :mod:`.guidance`), any runtime scheduler (the bundle's,
+or ``scheduler="EulerAncestralDiscreteScheduler"`` per call, built from the bundle's config), epsilon
+and v-prediction UNets (the prediction type lives in the scheduler config), and LCM-LoRA bundles
+(``scheduler="LCMScheduler"``, a few steps, ``guidance_scale`` about 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from ..random import as_noise_source, randn
+from .base import BasePipeline, PipelineOutput
+from .guidance import check_strength, denoise, do_classifier_free_guidance, encode_prompt, sd_plan
+
+
+class StableDiffusionPipeline(BasePipeline):
+    required = ("text_encoder", "unet", "vae_decoder")
+    optional = ("vae_encoder",)
+
+    def plan(self, num_inference_steps: int | None = 50, *, strength: float = 1.0, scheduler: str | None = None,
+             timesteps: list[int] | None = None):
+        """The steps a call with these arguments runs (``strength`` < 1: image-to-image's cut)."""
+        return sd_plan(self.get_scheduler(scheduler), num_inference_steps, timesteps, strength)
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        *,
+        strength: float = 0.8,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Any = None,
+        latents: np.ndarray | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        output_type: str = "pil",
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        scheduler: str | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback: Callable | None = None,
+        vae: str = "full",
+    ) -> PipelineOutput:
+        """diffusers' argument names and defaults (50 steps, guidance 7.5, strength 0.8, eta 0).
+
+        ``eta`` is used by DDIM only (as in diffusers). ``image``: PIL / numpy image(s), or SD latents
+        (float NCHW with the VAE's latent channels). ``latents``: the initial noise of text-to-image.
+        ``vae``: ``"full"`` or ``"tiny"`` (the bundle's TAESD, when exported with ``--tiny-vae``).
+        """
+        self.start_call()
+        self.select_vae(vae)
+        self.check_output_type(output_type)
+        if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
+        if not 0.0 <= float(guidance_rescale) <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1]; got {guidance_rescale!r}")
+        img2img = image is not None
+        if img2img:
+            check_strength(strength)
+            if latents is not None:
+                raise ValueError("latents (the initial noise) is for text-to-image; for image-to-image pass the "
+                                 "image latents as image=")
+            if vae != "tiny" and not self.bundle.has("vae_encoder") and not self.is_latents(image):
+                raise ValueError(f"{self.bundle.path}: image-to-image needs a vae_encoder, which this bundle lacks")
+        else:
+            height, width = self.default_size(height, width)
+        cfg = do_classifier_free_guidance(guidance_scale)
+        sched = self.get_scheduler(scheduler)
+        plan = sd_plan(sched, num_inference_steps, timesteps, strength if img2img else 1.0)
+        rng = as_noise_source(generator)
+
+        cond, uncond, batch = encode_prompt(
+            self, prompt, num_images_per_prompt=num_images_per_prompt, do_cfg=cfg, negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
+        embeds = np.concatenate([uncond, cond], axis=0) if cfg else cond
+        bs = batch * num_images_per_prompt
+
+        if img2img:
+            init = self.encode_image(image, bs, rng)
+            self.default_size(init.shape[2] * self.vae_scale_factor, init.shape[3] * self.vae_scale_factor)
+            latents = sched.add_noise(plan, init, randn(rng, init.shape), 0)
+        else:
+            shape = (bs, int(self.constants["unet_in_channels"]), height // self.vae_scale_factor,
+                     width // self.vae_scale_factor)
+            if latents is None:
+                latents = randn(rng, shape)
+            else:
+                latents = np.asarray(latents, dtype=np.float32)
+                if latents.shape != shape:
+                    raise ValueError(f"latents have shape {latents.shape}; expected {shape} for this call")
+            latents = latents * np.float32(plan.init_noise_sigma)
+
+        latents = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale,
+                          guidance_rescale=guidance_rescale, eta=eta, callback_on_step_end=callback_on_step_end,
+                          callback=callback)
+        return self.end_call(self.finish(latents, output_type))
