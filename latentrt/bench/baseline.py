@@ -1,0 +1,134 @@
+"""The diffusers baseline on the very same weights, instrumented with the same per-stage timings as
+latentrt's pipelines (text_encoder, unet per step, vae_decoder / tiny_vae_decoder).
+
+CPU: torch fp32 with ``torch.set_num_threads`` equal to latentrt's thread count. CUDA: fp16 with
+PyTorch's SDPA attention (diffusers' default processor on torch 2), stages timed with CUDA events.
+The same seed gives the same noise as latentrt (``TorchGeneratorNoise``), so images can be compared
+(PSNR) as well as timed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def quiet_loading() -> None:
+    """No diffusers / transformers loading bars: the harness draws its own progress bar."""
+    from diffusers.utils import logging as dlog
+
+    dlog.disable_progress_bar()
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+
+
+class StageClock:
+    """Per-stage durations of one call; CUDA events on a GPU (read after one synchronisation)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.stages: dict[str, list] = {}
+        self.flops: dict[str, list[int]] = {}
+        self.count_flops = False
+
+    def wrap(self, stage: str, fn):
+        import torch
+
+        def timed(*args, **kwargs):
+            if self.count_flops:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as fc:
+                    out = fn(*args, **kwargs)
+                self.flops.setdefault(stage, []).append(int(fc.get_total_flops()))
+                return out
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                self.stages.setdefault(stage, []).append((start, end))
+            else:
+                t0 = time.perf_counter()
+                out = fn(*args, **kwargs)
+                self.stages.setdefault(stage, []).append(time.perf_counter() - t0)
+            return out
+
+        return timed
+
+    def reset(self) -> None:
+        self.stages = {}
+
+    def as_dict(self) -> dict[str, list[float]]:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return {k: [s.elapsed_time(e) / 1000.0 for s, e in v] for k, v in self.stages.items()}
+        return {k: list(v) for k, v in self.stages.items()}
+
+
+class DiffusersBaseline:
+    """``LatentConsistencyModelPipeline`` from the folder a bundle was exported from."""
+
+    system = "diffusers"
+
+    def __init__(self, model_folder: str | Path, *, vae: str = "full", taesd=None, device: str = "cpu",
+                 precision: str = "fp32", threads: int | None = None):
+        import torch
+        from diffusers import AutoencoderTiny, LatentConsistencyModelPipeline
+
+        quiet_loading()
+        if precision not in DTYPES:
+            raise ValueError(f"baseline precision must be one of {sorted(DTYPES)}; got {precision!r}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if device in ("cuda", "tensorrt") else "cpu"
+        dtype = getattr(torch, DTYPES[precision])
+        pipe = LatentConsistencyModelPipeline.from_pretrained(str(model_folder), dtype=dtype, safety_checker=None,
+                                                              requires_safety_checker=False)
+        if vae == "tiny":
+            if taesd is None:
+                raise ValueError("the diffusers baseline with vae='tiny' needs the TAESD folder or hub id")
+            tiny = AutoencoderTiny.from_pretrained(str(taesd)).to(dtype).eval()
+            pipe = LatentConsistencyModelPipeline(**{**pipe.components, "vae": tiny})
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        self.vae_stage = "tiny_vae_decoder" if vae == "tiny" else "vae_decoder"
+        self.clock = StageClock(self.device == "cuda")
+        p = self.pipe
+        p.text_encoder.forward = self.clock.wrap("text_encoder", p.text_encoder.forward)
+        p.unet.forward = self.clock.wrap("unet", p.unet.forward)
+        p.vae.decode = self.clock.wrap(self.vae_stage, p.vae.decode)
+        self.weight_bytes = sum(t.numel() * t.element_size() for m in (p.text_encoder, p.unet, p.vae)
+                                for t in [*m.parameters(), *m.buffers()])
+
+    def __call__(self, *, prompt, height, width, steps, batch, guidance, seed, count_flops: bool = False):
+        """One image batch; returns (images NHWC float in [0, 1], per-stage timings)."""
+        import torch
+
+        self.clock.reset()
+        self.clock.count_flops = count_flops
+        try:
+            with torch.inference_mode():
+                out = self.pipe(prompt, height=height, width=width, num_inference_steps=steps,
+                                num_images_per_prompt=batch, guidance_scale=guidance,
+                                generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+        finally:
+            self.clock.count_flops = False
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return out.images, self.clock.as_dict()
+
+    def flops(self) -> dict[str, int]:
+        """FLOPs per call of each stage, as torch counted them in the ``count_flops`` call."""
+        return {k: int(max(v)) for k, v in self.clock.flops.items() if v}
+
+    def close(self) -> None:
+        del self.pipe

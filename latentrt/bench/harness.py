@@ -1,0 +1,344 @@
+"""The benchmark harness: for each scenario, latentrt and its baselines in one process on the same
+weights, with warm-up, repeats, per-stage timings, cold start, peak memory and image quality.
+
+Per scenario and system, one JSON line (see :func:`result_record`); the first line of a run
+describes the environment. Order per scenario: latentrt first (cold start with an empty engine cache,
+then a second load, then the timed calls), then the baseline (whose first call also counts FLOPs per
+stage with torch's FlopCounterMode, outside the timed repeats). Host memory peaks are per phase.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable
+
+from . import SCHEMA
+from .env import bundle_hash, capture
+from .memory import PeakMemory
+from .scenarios import Scenario
+from .stats import percentile, psnr, summarize
+
+
+def group_key(sc: Scenario, vae: str) -> str:
+    """What makes two measurements comparable: same model, size, steps, batch and VAE."""
+    return f"{sc.model}|{sc.height}x{sc.width}|{sc.steps}|{sc.batch}|{vae}"
+
+
+def stage_summary(per_call_timings: list[dict[str, list[float]]]) -> dict:
+    """Per stage: per-call durations, per-image totals and calls per image, over the repeats."""
+    names = list(dict.fromkeys(k for t in per_call_timings for k in t))
+    out = {}
+    for name in names:
+        calls = [x for t in per_call_timings for x in t.get(name, [])]
+        totals = [sum(t.get(name, [])) for t in per_call_timings]
+        out[name] = {"per_call": summarize(calls), "total": summarize(totals),
+                     "calls": len(calls) // max(1, len(per_call_timings))}
+    return out
+
+
+def result_record(*, run_id: str, sc: Scenario, system: str, vae: str, precision: str, e2e: list[float],
+                  timings: list[dict[str, list[float]]], extra: dict) -> dict:
+    engine = [sum(sum(v) for v in t.values()) for t in timings]
+    overhead = [max(0.0, a - b) for a, b in zip(e2e, engine)]
+    rec = {
+        "type": "result",
+        "schema": SCHEMA,
+        "run_id": run_id,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "scenario": sc.name,
+        "settings": sc.to_dict(),
+        "system": system,
+        "group": group_key(sc, vae),
+        "vae": vae,
+        "precision": precision,
+        "backend": sc.backend if system == "latentrt" else "torch",
+        "device": sc.device,
+        "threads": sc.resolved_threads,
+        "images_per_call": sc.batch,
+        "e2e": summarize(e2e),
+        "e2e_samples": list(e2e),
+        "stages": stage_summary(timings),
+        "engine_total": summarize(engine),
+        "overhead": {**summarize(overhead), "fraction_median": percentile(overhead, 50) / max(1e-12, percentile(e2e, 50))},
+    }
+    rec.update(extra)
+    return rec
+
+
+@contextmanager
+def _fresh_engine_cache():
+    """Point the runtime's engine/verification cache at an empty folder (a first load), restored after."""
+    old = os.environ.get("LATENTRT_CACHE")
+    tmp = tempfile.mkdtemp(prefix="latentrt-bench-cache-")
+    os.environ["LATENTRT_CACHE"] = tmp
+    try:
+        yield tmp
+    finally:
+        if old is None:
+            os.environ.pop("LATENTRT_CACHE", None)
+        else:
+            os.environ["LATENTRT_CACHE"] = old
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Progress:
+    """A tqdm bar over every timed or warm-up call of the run (stderr); silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            import sys
+
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="call", file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, desc: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(desc[:60])
+            self.bar.update(1)
+
+    def note(self, desc: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(desc[:60])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def planned_calls(sc: Scenario) -> int:
+    per_system = sc.warmup + sc.repeats
+    ours = per_system + (1 if sc.cold_start else 0)
+    return ours + len(sc.baselines) * (per_system + (1 if sc.warmup == 0 else 0))
+
+
+def noise_factory(sc: Scenario):
+    """Fresh noise for each call from the scenario's seed: diffusers' own noise (torch.Generator)
+    when a baseline runs, so the images can be compared; plain numpy otherwise (no torch needed)."""
+    if sc.baselines:
+        from latentrt.runtime.random import TorchGeneratorNoise
+
+        return lambda: TorchGeneratorNoise(sc.seed)
+    return lambda: sc.seed
+
+
+def resolve_bundle(sc: Scenario, cache_dir: Path | None, log: Callable[[str], None]) -> Path:
+    p = Path(sc.model)
+    if (p / "latentrt.json").is_file():
+        return p
+    from .models import ensure_bundle
+
+    return ensure_bundle(sc.model, sc.precision, cache_dir, progress=log)
+
+
+class Runner:
+    def __init__(self, *, out_path: Path | None, cache_dir: Path | None = None, progress: bool = True,
+                 gemm: bool = True, log: Callable[[str], None] = print):
+        self.out_path = Path(out_path) if out_path else None
+        self.cache_dir = cache_dir
+        self.progress_enabled = progress
+        self.gemm = gemm
+        self.log = log
+        self.run_id = uuid.uuid4().hex[:12]
+        self.records: list[dict] = []
+        self.references: dict[str, object] = {}  # group -> fp32 baseline image (PSNR reference)
+        self.baseline_done: dict[tuple, dict] = {}
+
+    def emit(self, rec: dict) -> None:
+        self.records.append(rec)
+        if self.out_path is not None:
+            self.out_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.out_path, "a") as f:
+                f.write(json.dumps(rec, sort_keys=False) + "\n")
+
+    def run(self, scenarios: Iterable[Scenario]) -> list[dict]:
+        scenarios = list(scenarios)
+        if not scenarios:
+            raise ValueError("no scenarios to run")
+        threads = scenarios[0].resolved_threads
+        env = capture(threads, gemm=self.gemm)
+        self.emit({"type": "env", "schema": SCHEMA, "run_id": self.run_id,
+                   "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **env})
+        bar = Progress(sum(planned_calls(s) for s in scenarios), self.progress_enabled)
+        try:
+            for sc in scenarios:
+                bundle = resolve_bundle(sc, self.cache_dir, bar.note if bar.bar else self.log)
+                image = self.run_latentrt(sc, bundle, bar)
+                for name in sc.baselines:
+                    self.run_baseline(sc, bundle, bar, name)
+                self.add_quality(sc, image)
+        finally:
+            bar.close()
+        return self.records
+
+    # -- latentrt ---------------------------------------------------------------------------------
+    def call_kwargs(self, sc: Scenario) -> dict:
+        kw = dict(height=sc.height, width=sc.width, num_inference_steps=sc.steps, num_images_per_prompt=sc.batch,
+                  guidance_scale=sc.guidance, output_type="np")
+        if sc.vae != "full":  # pipelines without a VAE choice keep working with the default
+            kw["vae"] = sc.vae
+        return kw
+
+    def run_latentrt(self, sc: Scenario, bundle: Path, bar: Progress):
+        import latentrt
+
+        noise = noise_factory(sc)
+        opts = {"threads": sc.resolved_threads, **sc.engine_options}
+        kw = self.call_kwargs(sc)
+        cold = {}
+        gc.collect()
+        if sc.cold_start:
+            with _fresh_engine_cache():
+                t0 = time.perf_counter()
+                pipe = latentrt.load(bundle, backend=sc.backend, device=sc.device, **opts)
+                t1 = time.perf_counter()
+                pipe(sc.prompt, generator=noise(), **kw)
+                t2 = time.perf_counter()
+                bar.step(f"{sc.name}: latentrt cold start")
+                del pipe
+                gc.collect()
+                t3 = time.perf_counter()
+                second = latentrt.load(bundle, backend=sc.backend, device=sc.device, **opts)
+                t4 = time.perf_counter()
+                del second
+                gc.collect()
+            cold = {"load_first_s": t1 - t0, "first_image_s": t2 - t1, "cold_start_s": t2 - t0,
+                    "load_second_s": t4 - t3, "load_speedup": (t1 - t0) / max(1e-9, t4 - t3),
+                    "note": "first load with an empty engine cache (LATENTRT_CACHE); OS file cache warm"}
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            pipe = latentrt.load(bundle, backend=sc.backend, device=sc.device, **opts)
+            load_s = time.perf_counter() - t0
+            for i in range(sc.warmup):
+                pipe(sc.prompt, generator=noise(), **kw)
+                bar.step(f"{sc.name}: latentrt warm-up")
+            e2e, timings, image = [], [], None
+            for i in range(sc.repeats):
+                t0 = time.perf_counter()
+                out = pipe(sc.prompt, generator=noise(), **kw)
+                e2e.append(time.perf_counter() - t0)
+                timings.append(out.timings)
+                if image is None:
+                    image = out.images
+                bar.step(f"{sc.name}: latentrt")
+        m = pipe.bundle.manifest
+        weight_bytes = sum(sum(m.components[c].sizes.values()) for c in pipe.engines if c in m.components)
+        cold.setdefault("load_s", load_s)
+        components = sorted(pipe.engines)
+        # what each engine computes in (a backend may run an fp32 bundle in bf16): the floor depends on it
+        compute = {c: str(getattr(e, "precision", None) or m.components[c].precision) for c, e in pipe.engines.items()}
+        del pipe
+        gc.collect()
+        isolated = None
+        if sc.isolated_memory:
+            from .memprobe import run_probe
+
+            bar.note(f"{sc.name}: latentrt peak RSS (fresh process)")
+            isolated = run_probe(bundle, sc)
+        extra = {
+            "compute_precision": compute,
+            "cold_start": cold,
+            "memory": {**mem.result(), "weight_bytes": weight_bytes, "components_loaded": components,
+                       **({"isolated": isolated} if isolated is not None else {})},
+            "bundle": {"path": str(bundle), "hash": bundle_hash(bundle), "precision": m.precision,
+                       "component_precision": {c: m.components[c].precision for c in components}},
+        }
+        self.emit(result_record(run_id=self.run_id, sc=sc, system="latentrt", vae=sc.vae, precision=sc.precision,
+                                e2e=e2e, timings=timings, extra=extra))
+        return image
+
+    # -- baselines --------------------------------------------------------------------------------
+    def run_baseline(self, sc: Scenario, bundle: Path, bar: Progress, name: str) -> None:
+        from .baseline import DiffusersBaseline
+        from .models import model_folder_of, taesd_folder_of
+
+        vae, prec = sc.resolved_baseline_vae, sc.resolved_baseline_precision
+        key = (name, group_key(sc, vae), prec, sc.device, sc.resolved_threads, sc.warmup, sc.repeats)
+        if key in self.baseline_done:  # the same baseline measured for an earlier scenario: reuse it
+            rec = dict(self.baseline_done[key], scenario=sc.name, settings=sc.to_dict(), reused=True)
+            self.emit(rec)
+            for _ in range(planned_calls(sc) - (sc.warmup + sc.repeats + (1 if sc.cold_start else 0))):
+                bar.step(f"{sc.name}: {name} (reused)")
+            return
+        folder = model_folder_of(bundle)
+        if folder is None:
+            raise ValueError(f"{bundle}: the diffusers folder it was exported from is gone, so the baseline cannot "
+                             "run on the same weights; re-export or pass baselines = [] (--no-baseline)")
+        gc.collect()
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            base = DiffusersBaseline(folder, vae=vae, taesd=taesd_folder_of(bundle), device=sc.device,
+                                     precision=prec, threads=sc.resolved_threads)
+            load_s = time.perf_counter() - t0
+            call = dict(prompt=sc.prompt, height=sc.height, width=sc.width, steps=sc.steps, batch=sc.batch,
+                        guidance=sc.guidance, seed=sc.seed)
+            # the first warm-up call counts FLOPs per stage (an extra call when there is no warm-up)
+            t0 = time.perf_counter()
+            base(**call, count_flops=True)
+            first_s = time.perf_counter() - t0
+            bar.step(f"{sc.name}: {name} warm-up (FLOPs)")
+            for _ in range(max(0, sc.warmup - 1)):
+                base(**call)
+                bar.step(f"{sc.name}: {name} warm-up")
+            e2e, timings, image = [], [], None
+            for _ in range(sc.repeats):
+                t0 = time.perf_counter()
+                img, t = base(**call)
+                e2e.append(time.perf_counter() - t0)
+                timings.append(t)
+                if image is None:
+                    image = img
+                bar.step(f"{sc.name}: {name}")
+        flops = base.flops()
+        extra = {
+            "cold_start": {"load_s": load_s, "first_image_s": first_s,
+                           "note": "first image counted FLOPs (FlopCounterMode), so it is slower than a plain call"},
+            "memory": {**mem.result(), "weight_bytes": base.weight_bytes},
+            "flops": flops,
+            "baseline": {"library": "diffusers", "pipeline": type(base.pipe).__name__, "dtype": prec,
+                         "attention": "SDPA" if base.device == "cuda" else "default (torch CPU)"},
+            "bundle": {"path": str(bundle), "hash": bundle_hash(bundle)},
+        }
+        base.close()
+        del base
+        gc.collect()
+        rec = result_record(run_id=self.run_id, sc=sc, system=name, vae=vae, precision=prec, e2e=e2e,
+                            timings=timings, extra=extra)
+        if prec == "fp32":
+            self.references[group_key(sc, vae)] = image
+        self.baseline_done[key] = rec
+        self.emit(rec)
+
+    def add_quality(self, sc: Scenario, image) -> None:
+        """PSNR of latentrt's image against the fp32 diffusers image of the same VAE and noise."""
+        ref = self.references.get(group_key(sc, sc.vae))
+        if ref is None or image is None:
+            return
+        value = psnr(image, ref)
+        for rec in reversed(self.records):
+            if rec.get("system") == "latentrt" and rec.get("scenario") == sc.name:
+                rec["quality"] = {"psnr_db": value, "reference": "diffusers fp32, same weights, VAE and noise"}
+                break
+        if self.out_path is not None:  # rewrite the file with the quality added (lines are small)
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        lines = self.out_path.read_text().splitlines() if self.out_path.is_file() else []
+        keep = [ln for ln in lines if json.loads(ln).get("run_id") != self.run_id]
+        tmp = self.out_path.with_suffix(self.out_path.suffix + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep) + "".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, self.out_path)
+
+
+def run_benchmarks(scenarios, *, out_path=None, cache_dir=None, progress=True, gemm=True, log=print) -> list[dict]:
+    return Runner(out_path=out_path, cache_dir=cache_dir, progress=progress, gemm=gemm, log=log).run(scenarios)

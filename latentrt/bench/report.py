@@ -1,0 +1,323 @@
+"""Turn benchmark JSON lines into Markdown tables, target checks and PNG charts.
+
+Every latentrt figure is also a ratio against the diffusers baseline measured in the same run on the
+same weights. The issue's targets are checked from the JSON lines alone: end-to-end speed-up (full VAE
+and TAESD), PSNR against the fp32 reference, UNet step against its floor (FLOPs counted by torch over
+the measured GEMM rate), runtime overhead outside the engines, peak RSS against weight bytes, and the
+second load against the first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from . import SCHEMA
+from .env import floor_rate_gflops
+
+#: (name, comparison, target) of the issue's targets
+TARGETS = {
+    "e2e_speedup_full_vae": (">=", 2.0),
+    "psnr_db": (">=", 30.0),
+    "e2e_speedup_taesd_vs_diffusers_full": (">=", 4.0),
+    "unet_step_vs_floor": ("<=", 1.5),
+    "overhead_fraction": ("<", 0.01),
+    "peak_rss_vs_weights": ("<=", 1.3),
+    "second_load_speedup": (">=", 3.0),
+}
+
+
+def read_results(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
+    """(env records, result records) of JSON-lines files; unknown schemas are refused."""
+    envs, results = [], []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such results file (write one with `latentrt bench -o FILE`)")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+            if rec.get("schema") != SCHEMA:
+                raise ValueError(f"{path}:{n}: schema {rec.get('schema')!r} is not {SCHEMA!r}")
+            (envs if rec.get("type") == "env" else results).append(rec)
+    if not results:
+        raise ValueError("no result lines in " + ", ".join(map(str, paths)))
+    return envs, results
+
+
+def _ms(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
+
+
+def _mb(b: float | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.0f} MiB"
+
+
+def _x(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}x"
+
+
+def _find(results, *, run_id, system, group):
+    for r in results:
+        if r["run_id"] == run_id and r["system"] == system and r["group"] == group:
+            return r
+    return None
+
+
+def _group_with_vae(group: str, vae: str) -> str:
+    return group.rsplit("|", 1)[0] + "|" + vae
+
+
+def vae_stage(rec: dict) -> str | None:
+    for k in ("vae_decoder", "tiny_vae_decoder"):
+        if k in rec["stages"]:
+            return k
+    return None
+
+
+def unet_flops(results, rec) -> int | None:
+    """UNet FLOPs per call for this record's model/size/batch, from any baseline of the same run."""
+    prefix = rec["group"].rsplit("|", 1)[0]
+    for r in results:
+        if r["run_id"] == rec["run_id"] and r["group"].rsplit("|", 1)[0] == prefix and r.get("flops", {}).get("unet"):
+            return r["flops"]["unet"]
+    return None
+
+
+@dataclass
+class Check:
+    name: str
+    scenario: str
+    value: float | None
+    op: str
+    target: float
+    detail: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or (isinstance(self.value, float) and math.isnan(self.value)):
+            return None
+        return {">=": self.value >= self.target, "<=": self.value <= self.target, "<": self.value < self.target}[self.op]
+
+    @property
+    def margin(self) -> str:
+        """How far from the target, as a factor: >1 is the factor by which it must improve."""
+        if self.met is None:
+            return "not measured"
+        v, t = self.value, self.target
+        if self.op == ">=":
+            f = t / v if v else math.inf
+        else:
+            f = v / t if t else math.inf
+        return f"met with {1 / f:.2f}x headroom" if self.met else f"missed: needs {f:.2f}x improvement"
+
+    def to_dict(self) -> dict:
+        return {"check": self.name, "scenario": self.scenario, "value": self.value, "op": self.op, "target": self.target,
+                "met": self.met, "margin": self.margin, "detail": self.detail}
+
+
+def target_checks(envs: list[dict], results: list[dict]) -> list[Check]:
+    ours = [r for r in results if r["system"] == "latentrt"]
+    flagged = [r for r in ours if r["settings"].get("targets")]
+    gemm = {e["run_id"]: e.get("gemm") for e in envs}
+    checks = []
+    for r in flagged or ours:
+        sc, med = r["scenario"], r["e2e"]["median"]
+        base_full = _find(results, run_id=r["run_id"], system="diffusers", group=_group_with_vae(r["group"], "full"))
+        if r["vae"] == "full" and base_full:
+            checks.append(Check("e2e_speedup_full_vae", sc, base_full["e2e"]["median"] / med, *TARGETS["e2e_speedup_full_vae"],
+                                f"diffusers {_ms(base_full['e2e']['median'])} / latentrt {_ms(med)}"))
+        if r["vae"] == "tiny" and base_full:
+            checks.append(Check("e2e_speedup_taesd_vs_diffusers_full", sc, base_full["e2e"]["median"] / med,
+                                *TARGETS["e2e_speedup_taesd_vs_diffusers_full"],
+                                f"diffusers full VAE {_ms(base_full['e2e']['median'])} / latentrt TAESD {_ms(med)}"))
+        if "quality" in r:
+            checks.append(Check("psnr_db", sc, r["quality"]["psnr_db"], *TARGETS["psnr_db"], r["quality"]["reference"]))
+        fl, unet = unet_flops(results, r), r["stages"].get("unet")
+        prec = (r.get("compute_precision") or {}).get("unet", r["precision"])
+        rate = floor_rate_gflops(gemm.get(r["run_id"]), prec)
+        if fl and unet and rate:
+            floor = fl / (rate * 1e9)
+            checks.append(Check("unet_step_vs_floor", sc, unet["per_call"]["median"] / floor, *TARGETS["unet_step_vs_floor"],
+                                f"{_ms(unet['per_call']['median'])} per step vs floor {_ms(floor)} = "
+                                f"{fl / 1e9:.0f} GFLOP / {rate:.0f} GFLOP/s ({prec})"))
+        checks.append(Check("overhead_fraction", sc, r["overhead"]["fraction_median"], *TARGETS["overhead_fraction"],
+                            f"{_ms(r['overhead']['median'])} outside engines per call"))
+        mem = r.get("memory", {})
+        iso = mem.get("isolated") or {}
+        if iso.get("peak_rss_bytes") and iso.get("weight_bytes"):
+            checks.append(Check("peak_rss_vs_weights", sc, iso["peak_rss_bytes"] / iso["weight_bytes"],
+                                *TARGETS["peak_rss_vs_weights"],
+                                f"runtime alone (fresh process, load + 1 call): peak RSS {_mb(iso['peak_rss_bytes'])}, "
+                                f"of which {_mb(iso['rss_after_imports_bytes'])} after imports, vs weights "
+                                f"{_mb(iso['weight_bytes'])}"))
+        elif mem.get("weight_bytes"):
+            checks.append(Check("peak_rss_vs_weights", sc, mem["peak_rss_delta_bytes"] / mem["weight_bytes"],
+                                *TARGETS["peak_rss_vs_weights"],
+                                f"in-process peak RSS growth {_mb(mem['peak_rss_delta_bytes'])} (absolute "
+                                f"{_mb(mem['peak_rss_bytes'])}) vs weights {_mb(mem['weight_bytes'])}; an estimate: "
+                                "earlier phases' freed memory may be reused"))
+        cold = r.get("cold_start", {})
+        if cold.get("load_second_s"):
+            checks.append(Check("second_load_speedup", sc, cold["load_speedup"], *TARGETS["second_load_speedup"],
+                                f"first load {_ms(cold['load_first_s'])}, second {_ms(cold['load_second_s'])}"))
+    return checks
+
+
+def results_table(results: list[dict]) -> str:
+    head = ("| scenario | system | backend | precision | VAE | e2e median | p90 | p99 | vs diffusers (its VAE) | "
+            "text encoder | UNet / step | VAE decode | overhead | peak RSS | weights | load 1st / 2nd | cold start |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        base = None
+        if r["system"] != "diffusers":  # the baseline of the same scenario (its VAE may differ: TAESD vs full)
+            base = next((b for b in results if b["run_id"] == r["run_id"] and b["system"] == "diffusers"
+                         and b["scenario"] == r["scenario"]), None)
+        speed = base["e2e"]["median"] / r["e2e"]["median"] if base else None
+        st = r["stages"]
+        te = st.get("text_encoder", {}).get("total", {}).get("median")
+        unet = st.get("unet", {}).get("per_call", {}).get("median")
+        vs = vae_stage(r)
+        vae = st[vs]["total"]["median"] if vs else None
+        cold, mem = r.get("cold_start", {}), r.get("memory", {})
+        loads = f"{_ms(cold.get('load_first_s', cold.get('load_s')))} / {_ms(cold.get('load_second_s'))}"
+        prec = r["precision"]
+        unet_prec = (r.get("compute_precision") or {}).get("unet")
+        if unet_prec and unet_prec != prec:
+            prec += f" ({unet_prec} compute)"
+        lines.append(
+            f"| {r['scenario']} | {r['system']} | {r['backend']} | {prec} | {r['vae']} | {_ms(r['e2e']['median'])} | "
+            f"{_ms(r['e2e']['p90'])} | {_ms(r['e2e']['p99'])} | {_x(speed)} | {_ms(te)} | {_ms(unet)} | {_ms(vae)} | "
+            f"{100 * r['overhead']['fraction_median']:.2f}% | {_mb(mem.get('peak_rss_bytes'))} | {_mb(mem.get('weight_bytes'))} | "
+            f"{loads} | {_ms(cold.get('cold_start_s'))} |")
+    return "\n".join(lines)
+
+
+def stage_comparison(results: list[dict]) -> str:
+    """Per stage, latentrt against the baseline of the same scenario: which stage a miss comes from."""
+    lines = ["| scenario | stage | latentrt | diffusers | speed-up |", "|---|---|---|---|---|"]
+    for r in results:
+        if r["system"] != "latentrt":
+            continue
+        base = next((b for b in results if b["run_id"] == r["run_id"] and b["system"] == "diffusers"
+                     and b["scenario"] == r["scenario"]), None)
+        if base is None:
+            continue
+        rows = [("text encoder", "text_encoder", "text_encoder", "total"), ("UNet step", "unet", "unet", "per_call"),
+                ("VAE decode", vae_stage(r), vae_stage(base), "total")]
+        for label, ours_k, base_k, kind in rows:
+            a = r["stages"].get(ours_k or "", {}).get(kind, {}).get("median")
+            b = base["stages"].get(base_k or "", {}).get(kind, {}).get("median")
+            if a is None or b is None:
+                continue
+            if ours_k != base_k:
+                label += f" ({ours_k} vs {base_k})"
+            lines.append(f"| {r['scenario']} | {label} | {_ms(a)} | {_ms(b)} | {_x(b / a if a else None)} |")
+        lines.append(f"| {r['scenario']} | outside engines | {_ms(r['overhead']['median'])} | "
+                     f"{_ms(base['overhead']['median'])} | - |")
+    return "\n".join(lines)
+
+
+def checks_table(checks: list[Check]) -> str:
+    lines = ["| target | scenario | measured | goal | status | margin | how |", "|---|---|---|---|---|---|---|"]
+    for c in checks:
+        status = {True: "met", False: "**missed**", None: "n/a"}[c.met]
+        v = "-" if c.value is None else f"{c.value:.3g}"
+        lines.append(f"| {c.name} | {c.scenario} | {v} | {c.op} {c.target:g} | {status} | {c.margin} | {c.detail} |")
+    return "\n".join(lines)
+
+
+def env_section(envs: list[dict]) -> str:
+    out = []
+    for e in envs:
+        cpu, g = e.get("cpu", {}), e.get("gemm") or {}
+        libs = ", ".join(f"{k} {v}" for k, v in e.get("libraries", {}).items() if k != "onnxruntime_providers")
+        gemm = ", ".join(f"{k.replace('_gflops', '')} {v:.0f}" for k, v in g.items() if k.endswith("_gflops"))
+        gpu = e.get("gpu")
+        out.append(f"- run `{e['run_id']}` at {e['time']}: {cpu.get('model')} ({cpu.get('usable_cpus')} usable CPUs, "
+                   f"{e.get('threads')} threads; flags {', '.join(cpu.get('flags', [])) or '-'}), "
+                   f"memory {_mb(e.get('memory', {}).get('total_bytes'))}, GPU {gpu['name'] if gpu else 'none'}\n"
+                   f"  - measured GEMM rate (GFLOP/s, {g.get('size', '?')}^3 matmul): {gemm or 'not measured'}\n"
+                   f"  - {libs}")
+    return "\n".join(out)
+
+
+def charts(results: list[dict], out_dir: Path) -> list[Path]:
+    """e2e.png (median end-to-end per scenario and system) and stages.png (where the time goes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [f"{r['scenario']}\n{r['system']}" for r in results]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(results)), 4))
+    colors = ["tab:blue" if r["system"] == "latentrt" else "tab:gray" for r in results]
+    meds = [r["e2e"]["median"] for r in results]
+    ax.bar(range(len(results)), meds, color=colors)
+    ax.errorbar(range(len(results)), meds, yerr=[[0] * len(results), [r["e2e"]["p90"] - r["e2e"]["median"] for r in results]],
+                fmt="none", ecolor="black", capsize=3)
+    ax.set_xticks(range(len(results)), labels, fontsize=7)
+    ax.set_ylabel("seconds per call (median, bar to p90)")
+    ax.set_title("End-to-end latency")
+    fig.tight_layout()
+    paths.append(out_dir / "e2e.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(results)), 4))
+    names = list(dict.fromkeys(k for r in results for k in r["stages"]))
+    bottom = [0.0] * len(results)
+    for name in names + ["overhead"]:
+        vals = [r["overhead"]["median"] if name == "overhead" else r["stages"].get(name, {}).get("total", {}).get("median", 0.0)
+                for r in results]
+        ax.bar(range(len(results)), vals, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(range(len(results)), labels, fontsize=7)
+    ax.set_ylabel("seconds per call (medians)")
+    ax.set_title("Where the time goes")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "stages.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(paths: Iterable[str | Path], out_dir: str | Path, *, title: str = "latentrt benchmarks",
+                 command: str | None = None, name: str = "report.md") -> Path:
+    """Write ``out_dir/<name>`` (+ ``e2e.png``, ``stages.png``, ``checks.json``); returns the .md path."""
+    paths = list(paths)
+    envs, results = read_results(paths)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checks = target_checks(envs, results)
+    pngs = charts(results, out_dir)
+    (out_dir / "checks.json").write_text(json.dumps([c.to_dict() for c in checks], indent=2) + "\n")
+    parts = [f"# {title}", ""]
+    if command:
+        parts += ["Produced by:", "", "```", command, "```", ""]
+    parts += ["## Environment", "", env_section(envs), "", "## Results", "",
+              "Medians over the repeats; every latentrt row is compared with the diffusers baseline of the same run "
+              "(same weights, size, steps, batch and VAE). UNet / step is per call; text encoder and VAE per image batch; "
+              "overhead is time outside the engines.", "", results_table(results), "",
+              "### Per stage", "", stage_comparison(results), "",
+              "## Targets", "",
+              "Checked on the scenarios marked `targets = true`. The margin is the factor still needed (missed) or "
+              "to spare (met); the per-stage table above shows which stage a miss comes from.", "",
+              checks_table(checks), "", "## Charts", ""]
+    parts += [f"![{p.stem}]({p.name})" for p in pngs]
+    md = out_dir / name
+    md.write_text("\n".join(parts) + "\n")
+    return md

@@ -1,0 +1,138 @@
+"""Benchmark scenarios: what to run (model, size, steps, batch, backend, precision, VAE) and how
+(threads, warm-up, repeats, baselines), from a small TOML file or the command line.
+
+TOML layout (see ``benchmarks/scenarios/*.toml``): a ``[defaults]`` table and one ``[[scenario]]``
+table per scenario; a scenario's keys override the defaults, and command-line options override both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+VAES = ("full", "tiny")
+BASELINES = ("diffusers",)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str = "default"
+    #: a model name of :mod:`latentrt.bench.models` ("sd15-lcm", "tiny-lcm") or a bundle folder
+    model: str = "sd15-lcm"
+    height: int = 512
+    width: int = 512
+    steps: int = 4
+    batch: int = 1
+    guidance: float = 8.0
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    precision: str = "fp32"
+    vae: str = "full"
+    threads: int | None = None  # None: the CPUs this process may use
+    warmup: int = 1
+    repeats: int = 5
+    #: baselines run in the same process on the same weights ("diffusers"); [] for none
+    baselines: tuple[str, ...] = ("diffusers",)
+    #: the VAE the baseline uses ("full" compares TAESD runs against diffusers with its full VAE)
+    baseline_vae: str | None = None
+    #: baseline precision: None picks fp32 on CPU and fp16 (with SDPA) on CUDA
+    baseline_precision: str | None = None
+    cold_start: bool = True
+    #: also measure peak RSS of the runtime alone, in a fresh process (load + one call)
+    isolated_memory: bool = True
+    prompt: str = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+    seed: int = 0
+    #: extra options for the engine backend (e.g. ONNX Runtime session settings of a fast path)
+    engine_options: dict = field(default_factory=dict)
+    #: mark the scenarios the issue's targets are checked on
+    targets: bool = False
+
+    def __post_init__(self):
+        for k in ("height", "width", "steps", "batch", "repeats"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"scenario {self.name!r}: {k} must be a positive integer; got {v!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"scenario {self.name!r}: warmup must be an integer >= 0; got {self.warmup!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"scenario {self.name!r}: threads must be a positive integer; got {self.threads!r}")
+        for k in ("vae", "baseline_vae"):
+            v = getattr(self, k)
+            if v is not None and v not in VAES:
+                raise ValueError(f"scenario {self.name!r}: {k} must be one of {VAES}; got {v!r}")
+        bad = [b for b in self.baselines if b not in BASELINES]
+        if bad:
+            raise ValueError(f"scenario {self.name!r}: unknown baselines {bad}; known: {list(BASELINES)}")
+
+    @property
+    def resolved_threads(self) -> int:
+        from ..runtime.engines.onnxruntime import default_threads
+
+        return self.threads or default_threads()
+
+    @property
+    def resolved_baseline_vae(self) -> str:
+        return self.baseline_vae or self.vae
+
+    @property
+    def resolved_baseline_precision(self) -> str:
+        return self.baseline_precision or ("fp16" if self.device.startswith("cuda") or self.device == "tensorrt" else "fp32")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["baselines"] = list(self.baselines)
+        return d
+
+
+FIELDS = {f.name for f in dataclasses.fields(Scenario)}
+
+
+def make_scenario(values: dict[str, Any], where: str = "scenario") -> Scenario:
+    unknown = sorted(set(values) - FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known keys: {sorted(FIELDS)}")
+    v = dict(values)
+    if "baselines" in v:
+        b = v["baselines"]
+        v["baselines"] = (b,) if isinstance(b, str) else tuple(b or ())
+    return Scenario(**v)
+
+
+def load_scenarios(path: str | Path, overrides: dict[str, Any] | None = None,
+                   only: list[str] | None = None) -> list[Scenario]:
+    """Scenarios of a TOML file; ``overrides`` (command-line values) apply to each; ``only`` keeps
+    the named scenarios."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such scenario file (see benchmarks/scenarios/*.toml)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(data) - {"defaults", "scenario", "description"})
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {unknown}; use [defaults] and [[scenario]] tables")
+    defaults = data.get("defaults", {})
+    tables = data.get("scenario", [])
+    if not tables:
+        raise ValueError(f"{path}: no [[scenario]] tables")
+    out = []
+    for i, t in enumerate(tables):
+        name = t.get("name", f"scenario-{i}")
+        out.append(make_scenario({**defaults, **t, "name": name, **(overrides or {})}, f"{path} [[scenario]] {name!r}"))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: scenario names must be unique; got {names}")
+    if only:
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise ValueError(f"{path}: no scenarios named {missing}; it has {names}")
+        out = [s for s in out if s.name in only]
+    return out
