@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[export,dev,bench]"
+	$(BIN)/python -m pip install -q -e ".[export,dev,bench,cpu-fast]"
 	# The real CLIP BPE vocabulary ships as a data file in this wheel; it is read as a file,
 	# never imported (open_clip itself needs torchvision).
 	$(BIN)/python -m pip install -q --no-deps open_clip_torch

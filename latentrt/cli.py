@@ -10,6 +10,9 @@ import sys
 
 #: subcommand modules, in the order ``latentrt --help`` lists them
 COMMANDS = ["export", "generate", "info", "demo"]
+COMMANDS += ["profiles", "build", "check"]  # GPU engines (issue 6)
+COMMANDS += ["bench", "report"]  # benchmarks (issue 7)
+COMMANDS += ["upscale"]  # latent x2 upscaler (issue 4)
 
 
 class UserError(Exception):

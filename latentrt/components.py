@@ -99,3 +99,134 @@ def vae_decoder_spec(*, out_channels: int, latent_channels: int, vae_scale_facto
         (TensorSpec("latent_sample", f, ("B", latent_channels, f"H/{s}", f"W/{s}")),),
         (TensorSpec("sample", f, ("B", out_channels, "H", "W")),),
     )
+
+
+def tiny_vae_decoder_spec(*, out_channels: int, latent_channels: int, vae_scale_factor: int) -> ComponentSpec:
+    """TAESD (diffusers ``AutoencoderTiny``) decoder, an alternative to ``vae_decoder``: the same I/O
+    (latents divided by the tiny VAE's scaling factor in, an image in [-1, 1] out)."""
+    spec = vae_decoder_spec(out_channels=out_channels, latent_channels=latent_channels, vae_scale_factor=vae_scale_factor)
+    return ComponentSpec("tiny_vae_decoder", spec.inputs, spec.outputs)
+
+
+def tiny_vae_encoder_spec(*, in_channels: int, latent_channels: int, vae_scale_factor: int) -> ComponentSpec:
+    """TAESD encoder: image in [-1, 1] -> latents directly (no distribution, so no random draw)."""
+    f = "float32"
+    s = vae_scale_factor
+    return ComponentSpec(
+        "tiny_vae_encoder",
+        (TensorSpec("sample", f, ("B", in_channels, "H", "W")),),
+        (TensorSpec("latents", f, ("B", latent_channels, f"H/{s}", f"W/{s}")),),
+    )
+
+
+# -- latent x2 upscaler (StableDiffusionLatentUpscalePipeline) -------------------------------------
+# One set of size symbols for every upscaler component: ``H``/``W`` are the *input* image's pixels
+# (what a shape profile names), so the UNet runs at the output latents ``H/4`` (= 2*H/8) and the
+# decoder returns ``2*H`` x ``2*W`` pixels. The VAE encoder keeps :func:`vae_encoder_spec`.
+
+
+def text_encoder_prenorm_spec(*, seq_len: int, hidden_size: int, num_layers: int,
+                              name: str = "text_encoder") -> ComponentSpec:
+    """:func:`text_encoder_spec` plus ``last_hidden_state_prenorm``: the last encoder layer's output
+    *before* the final layer norm (``hidden_states[-1]``), which is what the latent upscaler's UNet
+    cross-attends to."""
+    base = text_encoder_spec(seq_len=seq_len, hidden_size=hidden_size, num_layers=num_layers, name=name)
+    extra = TensorSpec("last_hidden_state_prenorm", "float32", ("B", seq_len, hidden_size))
+    return ComponentSpec(name, base.inputs, base.outputs + (extra,))
+
+
+def upscaler_unet_spec(*, in_channels: int, out_channels: int, vae_scale_factor: int, seq_len: int,
+                       cross_attention_dim: int, time_cond_proj_dim: int) -> ComponentSpec:
+    """The upscaler's K-UNet at the *output* latent size: ``sample`` = noisy latents concatenated with
+    the nearest-upsampled low-res latents (``in_channels`` = 2 x latent channels), ``timestep`` =
+    log(sigma)/4, ``timestep_cond`` = [noise-level embedding (128), text pooler output]."""
+    return unet_spec(in_channels=in_channels, out_channels=out_channels, vae_scale_factor=vae_scale_factor // 2,
+                     seq_len=seq_len, cross_attention_dim=cross_attention_dim, time_cond_proj_dim=time_cond_proj_dim)
+
+
+def upscaler_vae_decoder_spec(*, out_channels: int, latent_channels: int, vae_scale_factor: int) -> ComponentSpec:
+    """The VAE decoder at the upscaler's output: latents ``H/4`` -> pixels ``2*H`` (``H`` = input pixels)."""
+    f = "float32"
+    s = vae_scale_factor // 2
+    return ComponentSpec(
+        "vae_decoder",
+        (TensorSpec("latent_sample", f, ("B", latent_channels, f"H/{s}", f"W/{s}")),),
+        (TensorSpec("sample", f, ("B", out_channels, "2*H", "2*W")),),
+    )
+
+
+# -- SDXL (StableDiffusionXLPipeline): two text encoders, pooled text embedding, add_time_ids ------
+
+
+def sdxl_text_encoder_spec(*, seq_len: int, hidden_size: int, num_layers: int, projection_dim: int | None = None,
+                           name: str = "text_encoder") -> ComponentSpec:
+    """An SDXL text encoder. ``hidden_states`` stacks the *un-normed* hidden states of the embeddings
+    and every layer but the last (``hidden_states[:-1]``): SDXL reads ``hidden_states[-(clip_skip + 2)]``
+    (the penultimate layer by default), i.e. ``stack[-(clip_skip + 1)]``, and never the last layer.
+    With ``projection_dim`` (CLIPTextModelWithProjection, the second encoder) it also returns
+    ``text_embeds``: the projected pooled output SDXL conditions on."""
+    f = "float32"
+    outputs = [TensorSpec("hidden_states", f, (num_layers, "B", seq_len, hidden_size))]
+    if projection_dim:
+        outputs.append(TensorSpec("text_embeds", f, ("B", projection_dim)))
+    return ComponentSpec(name, (TensorSpec("input_ids", "int64", ("B", seq_len)),), tuple(outputs))
+
+
+def sdxl_unet_spec(*, in_channels: int, out_channels: int, vae_scale_factor: int, seq_len: int,
+                   cross_attention_dim: int, text_embeds_dim: int, time_ids_dim: int,
+                   time_cond_proj_dim: int | None = None, name: str = "unet") -> ComponentSpec:
+    """The SDXL UNet (``addition_embed_type="text_time"``): :func:`unet_spec` plus the added
+    conditioning ``text_embeds`` (pooled, projected text of encoder 2) and ``time_ids`` (original
+    size, crop top-left, target size or aesthetic score; float32 whatever the precision)."""
+    base = unet_spec(in_channels=in_channels, out_channels=out_channels, vae_scale_factor=vae_scale_factor,
+                     seq_len=seq_len, cross_attention_dim=cross_attention_dim, name=name)
+    f = "float32"
+    extra = [TensorSpec("text_embeds", f, ("B", text_embeds_dim)), TensorSpec("time_ids", "float32", ("B", time_ids_dim))]
+    if time_cond_proj_dim:
+        extra.append(TensorSpec("timestep_cond", f, ("B", time_cond_proj_dim)))
+    return ComponentSpec(name, base.inputs + tuple(extra), base.outputs)
+
+
+# -- Stable unCLIP (StableUnCLIPPipeline / StableUnCLIPImg2ImgPipeline) ------------------------------
+
+
+def prior_text_encoder_spec(*, seq_len: int, hidden_size: int, projection_dim: int,
+                            name: str = "prior_text_encoder") -> ComponentSpec:
+    """CLIPTextModelWithProjection: the projected text embedding (the prior's ``proj_embedding``)
+    and the last hidden state (its ``encoder_hidden_states``)."""
+    f = "float32"
+    return ComponentSpec(
+        name,
+        (TensorSpec("input_ids", "int64", ("B", seq_len)),),
+        (TensorSpec("text_embeds", f, ("B", projection_dim)),
+         TensorSpec("last_hidden_state", f, ("B", seq_len, hidden_size))),
+    )
+
+
+def prior_spec(*, embedding_dim: int, proj_dim: int, seq_len: int, hidden_size: int,
+               name: str = "prior") -> ComponentSpec:
+    """PriorTransformer: noisy image embedding + int64 timestep + text conditioning (and the text's
+    attention mask, True on real tokens) -> the predicted image embedding."""
+    f = "float32"
+    return ComponentSpec(
+        name,
+        (
+            TensorSpec("hidden_states", f, ("B", embedding_dim)),
+            TensorSpec("timestep", "int64", ("B",)),
+            TensorSpec("proj_embedding", f, ("B", proj_dim)),
+            TensorSpec("encoder_hidden_states", f, ("B", seq_len, hidden_size)),
+            TensorSpec("attention_mask", "bool", ("B", seq_len)),
+        ),
+        (TensorSpec("predicted_image_embedding", f, ("B", embedding_dim)),),
+    )
+
+
+def image_encoder_spec(*, image_size: tuple[int, int], embedding_dim: int,
+                       name: str = "image_encoder") -> ComponentSpec:
+    """CLIPVisionModelWithProjection: CLIP-preprocessed pixels (fixed crop size) -> image_embeds."""
+    f = "float32"
+    return ComponentSpec(
+        name,
+        (TensorSpec("pixel_values", f, ("B", 3, int(image_size[0]), int(image_size[1]))),),
+        (TensorSpec("image_embeds", f, ("B", embedding_dim)),),
+    )

@@ -7,12 +7,25 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="export a diffusers pipeline (hub id or local folder) to a bundle")
     p.add_argument("src", help="hub id (owner/name) or a local diffusers folder written by save_pretrained")
     p.add_argument("-o", "--output", required=True, help="bundle folder to create")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default=None,
+                   help="precision of every component (default fp32, or the --profile's)")
     p.add_argument("--component-precision", action="append", default=[], metavar="NAME=PREC",
                    help="per-component precision, e.g. vae_decoder=fp32 (repeatable)")
+    p.add_argument("--profile", help="take the per-component precision from this profile (name or .toml path; "
+                                     "`latentrt profiles` lists them); --precision/--component-precision override it")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-check", action="store_true", help="check each component at one size only")
+    p.add_argument("--lora", action="append", default=[], metavar="SRC[:WEIGHT]",
+                   help="fuse a LoRA (diffusers/PEFT or kohya .safetensors; local file or folder, or hub id "
+                        "owner/name[/file.safetensors]) into the UNet and text encoder before export, with WEIGHT "
+                        "(default 1.0); repeatable, e.g. --lora latent-consistency/lcm-lora-sdv1-5 --lora style.safetensors:0.5")
+    p.add_argument("--vae", metavar="SRC",
+                   help="replace the pipeline's VAE (AutoencoderKL: hub id or local folder), e.g. "
+                        "madebyollin/sdxl-vae-fp16-fix for an all-fp16 SDXL bundle")
+    p.add_argument("--tiny-vae", metavar="SRC",
+                   help="also export a TAESD AutoencoderTiny (hub id such as madebyollin/taesd, or a local folder) "
+                        "as an alternative VAE, used with `generate --tiny-vae` / pipe(..., vae='tiny')")
     p.set_defaults(func=run)
 
 
@@ -28,10 +41,16 @@ def parse_pairs(pairs, what: str) -> dict[str, str]:
 
 def run(args) -> int:
     from ..export.bundle import export_bundle
+    from ..profiles import export_precision
 
+    precision, component_precision = export_precision(
+        getattr(args, "profile", None), args.precision, parse_pairs(args.component_precision, "--component-precision"))
     export_bundle(
-        args.src, args.output, precision=args.precision, overwrite=args.overwrite, revision=args.revision,
-        component_precision=parse_pairs(args.component_precision, "--component-precision"),
+        args.src, args.output, precision=precision, overwrite=args.overwrite, revision=args.revision,
+        component_precision=component_precision,
         check=not args.no_check,
+        **({"tiny_vae": args.tiny_vae} if getattr(args, "tiny_vae", None) else {}),
+        **({"loras": args.lora} if getattr(args, "lora", None) else {}),
+        **({"vae": args.vae} if getattr(args, "vae", None) else {}),
     )
     return 0

@@ -10,13 +10,31 @@ from pathlib import Path
 
 def add_runtime_args(p) -> None:
     """Options shared by every command that loads a bundle."""
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), torch or tensorrt")
+    p.add_argument("--backend", default="onnxruntime",
+                   help="onnxruntime (default), torch, tensorrt or openvino (CPU fast path: bf16 on "
+                        "AVX512-BF16/AMX CPUs; LATENTRT_OPENVINO_PRECISION=fp32 for full precision)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or tensorrt (onnxruntime EP)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: the CPUs available)")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option, e.g. precision=bf16 for openvino (repeatable)")
+
+
+def _option_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def engine_options(args) -> dict:
-    return {"threads": args.threads} if getattr(args, "threads", None) else {}
+    from .export import parse_pairs
+
+    opts = {k: _option_value(v) for k, v in parse_pairs(getattr(args, "engine_option", []), "--engine-option").items()}
+    if getattr(args, "threads", None):
+        opts["threads"] = args.threads
+    return opts
 
 
 def register(sub) -> None:
@@ -25,8 +43,9 @@ def register(sub) -> None:
     p.add_argument("prompt")
     p.add_argument("--image", help="input image for image-to-image")
     p.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1] (default 0.8)")
-    p.add_argument("--steps", type=int, default=4, help="num_inference_steps (default 4)")
-    p.add_argument("--guidance", type=float, default=8.5, help="guidance_scale (default 8.5)")
+    p.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's, 4 for LCM, 50 for SD)")
+    p.add_argument("--guidance", type=float,
+                   help="guidance_scale (default: the pipeline's, 8.5 for LCM, 7.5 for SD; <= 1 turns CFG off)")
     p.add_argument("--negative-prompt")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -36,6 +55,12 @@ def register(sub) -> None:
     p.add_argument("--clip-skip", type=int)
     p.add_argument("-o", "--output", default="latentrt-out", help="output folder (default latentrt-out)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tiny-vae", action="store_true", help="decode (and encode) with the bundle's TAESD instead of the full VAE")
+    p.add_argument("--upscale", metavar="UPSCALER_BUNDLE",
+                   help="upscale 2x with a latent upscaler bundle, handing it the latents (no decode in between)")
+    p.add_argument("--upscale-steps", type=int, default=20, help="the upscaler's num_inference_steps (default 20)")
+    p.add_argument("--upscale-guidance", type=float, default=9.0,
+                   help="the upscaler's guidance_scale (default 9; 0 ignores the prompt)")
     add_runtime_args(p)
     p.set_defaults(func=run)
 
@@ -43,7 +68,7 @@ def register(sub) -> None:
 def call_kwargs(args) -> dict:
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
               generator=args.seed, height=args.height, width=args.width, clip_skip=args.clip_skip,
-              scheduler=args.scheduler)
+              scheduler=args.scheduler, vae="tiny" if getattr(args, "tiny_vae", False) else None)
     if args.negative_prompt is not None:
         kw["negative_prompt"] = args.negative_prompt
     return {k: v for k, v in kw.items() if v is not None}
@@ -79,7 +104,17 @@ def print_timings(timings: dict, total: float, file=sys.stdout) -> None:
     print(f"  {'total':<14} {1000 * total:9.1f} ms", file=file)
 
 
+def _default_arg(pipe, name: str):
+    """The default of a pipeline call argument (so the CLI's defaults are each pipeline's own)."""
+    import inspect
+
+    param = inspect.signature(pipe.__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
 def run(args) -> int:
+    import inspect
+
     import latentrt
 
     pipe = latentrt.load(args.bundle, backend=args.backend, device=args.device, **engine_options(args))
@@ -87,15 +122,26 @@ def run(args) -> int:
     if args.image:
         from PIL import Image
 
-        kw.update(image=Image.open(args.image), strength=args.strength)
+        kw.update(image=Image.open(args.image))
+        if "strength" in inspect.signature(pipe.__call__).parameters:  # unCLIP variations have no strength
+            kw["strength"] = args.strength
+    n = args.steps or _default_arg(pipe, "num_inference_steps")
     try:
-        steps = len(pipe.get_scheduler(args.scheduler).plan(args.steps, strength=kw.get("strength", 1.0)))
-    except (AttributeError, TypeError):  # pipelines whose loop is not one scheduler plan
+        if hasattr(pipe, "plan"):  # the pipeline knows how it cuts the schedule (SD image-to-image)
+            steps = len(pipe.plan(n, strength=kw.get("strength", 1.0), scheduler=args.scheduler))
+        else:
+            steps = len(pipe.get_scheduler(args.scheduler).plan(n, strength=kw.get("strength", 1.0)))
+    except (AttributeError, TypeError, ValueError):  # pipelines whose loop is not one scheduler plan
         steps = None
     cb, close = progress_callback(steps, not args.no_progress)
     t0 = time.perf_counter()
     try:
-        out = pipe(args.prompt, output_type="pil", callback=cb, **kw)
+        if getattr(args, "upscale", None):  # generator -> latents -> upscaler (latentrt.commands.upscale)
+            from .upscale import upscale_chain
+
+            out = upscale_chain(pipe, args, kw, cb)
+        else:
+            out = pipe(args.prompt, output_type="pil", callback=cb, **kw)
     finally:
         close()
     total = time.perf_counter() - t0

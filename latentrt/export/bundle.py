@@ -94,6 +94,9 @@ def write_support_files(pipe, root: Path, kind: str) -> None:
     pipe.scheduler.save_config(str(root / "scheduler"))
     index = {"_class_name": type(pipe).__name__, "_latentrt_pipeline": kind,
              "scheduler": ["diffusers", type(pipe.scheduler).__name__], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    if getattr(pipe, "tokenizer_2", None) is not None:  # SDXL's second tokenizer
+        pipe.tokenizer_2.save_pretrained(str(root / "tokenizer_2"))
+        index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
     write_json_atomic(root / "model_index.json", index)
 
 
@@ -108,22 +111,58 @@ def export_bundle(
     progress: Callable[[str], None] = print,
     component_precision: dict[str, str] | None = None,
     check: bool = True,
+    tiny_vae=None,
+    loras=None,
+    vae=None,
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
     ``pipe`` may be given (an already-loaded diffusers pipeline) to skip loading ``src``.
+    ``loras``: LoRAs fused into the UNet and text encoder before tracing, each ``"SRC[:WEIGHT]"``, a
+    path or ``(source, weight)`` (see :mod:`latentrt.export.lora`); a given ``pipe`` is copied, not changed.
+    ``vae`` (hub id, local folder or ``AutoencoderKL``) replaces the pipeline's VAE, e.g. the fp16-safe
+    ``madebyollin/sdxl-vae-fp16-fix`` for all-fp16 SDXL bundles (see :mod:`latentrt.export.vae_swap`).
+    ``tiny_vae`` (hub id, local folder or ``AutoencoderTiny``) adds TAESD as ``tiny_vae_decoder`` /
+    ``tiny_vae_encoder`` (see :mod:`latentrt.export.tiny_vae`).
     """
     overrides = parse_component_precisions(precision, component_precision)
     t0 = time.perf_counter()
+    pipe_given = pipe is not None
     if pipe is None:
         progress(f"loading {src}")
         pipe, source = load_pipeline(src, revision=revision)
     else:
         source = {"id": None, "path": str(src) if src else None, "revision": revision,
                   "pipeline_class": type(pipe).__name__}
+    lora_records = []
+    if loras:
+        import copy
+
+        from .lora import fuse_loras
+
+        loras = list(loras)
+        progress(f"fusing {len(loras)} LoRA(s)")
+        if pipe_given:
+            pipe = copy.deepcopy(pipe)
+        lora_records = fuse_loras(pipe, loras)
+    vae_source = None
+    if vae is not None:  # e.g. madebyollin/sdxl-vae-fp16-fix (see latentrt.export.vae_swap)
+        from .vae_swap import swap_vae
+
+        progress(f"using the VAE {vae if isinstance(vae, (str, os.PathLike)) else type(vae).__name__}")
+        pipe, vae_source = swap_vae(pipe, vae, copy_pipe=pipe_given and not loras)
     recipe = detect_kind(pipe)
     constants = recipe.constants(pipe)
     plans = recipe.components(pipe, constants)
+    tiny_source = None
+    if tiny_vae is not None:
+        from .tiny_vae import load_tiny_vae, tiny_vae_plans
+
+        progress(f"loading tiny VAE {tiny_vae if isinstance(tiny_vae, (str, os.PathLike)) else type(tiny_vae).__name__}")
+        tiny_model, tiny_source = load_tiny_vae(tiny_vae, revision=None)
+        tiny_plans, tiny_constants = tiny_vae_plans(tiny_model, constants)
+        plans = [*plans, *tiny_plans]
+        constants = {**constants, **tiny_constants}
 
     dh, dw, m = constants["default_height"], constants["default_width"], constants["size_multiple"]
     export_sizes = {"B": 1, "H": dh, "W": dw}
@@ -143,9 +182,18 @@ def export_bundle(
                      f"tolerance {p['tolerance']}) in {p['export_seconds']:.1f}s")
             entries[name] = entry
         write_support_files(pipe, root, recipe.kind)
+        recipe_extra = recipe.support_files(pipe, root) if recipe.support_files is not None else None
         manifest = Manifest(pipeline=recipe.kind, components=entries, constants=constants, source=source,
                             precision=precision, tools=tool_versions())
         manifest.extra["export_seconds"] = round(time.perf_counter() - t0, 2)
+        if lora_records:
+            manifest.extra["loras"] = lora_records
+        if recipe_extra:
+            manifest.extra.update(recipe_extra)
+        if tiny_source is not None:
+            manifest.extra["tiny_vae"] = tiny_source
+        if vae_source is not None:
+            manifest.extra["vae"] = vae_source
         manifest.write(root)
     progress(f"wrote {out} ({manifest.extra['export_seconds']:.1f}s)")
     return manifest

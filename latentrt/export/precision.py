@@ -9,12 +9,25 @@ lives in the graph, as strongly typed TensorRT networks require. Inputs listed i
 We tried ONNX-level conversion (onnxconverter-common 1.16 ``convert_float_to_float16``) first: on
 these graphs (onnx 1.23, opset 17) it leaves inconsistent Cast/Concat types that ONNX Runtime refuses
 to load, with or without an op block list.
+
+Why not NVIDIA ModelOpt AutoCast (the tool TensorRT 11's migration guide points to): the wheel
+(nvidia-modelopt 0.47) downloads, but its ``[onnx]`` extra pins onnx~=1.21 and onnxruntime-gpu~=1.24
+(this project runs onnx 1.23 and onnxruntime 1.32), pulls cupy-cuda12x, and its fp16 conversion is
+built on onnxconverter-common 1.16, the converter that produced unloadable graphs here (above). It
+is also not needed: AutoCast decides per node, from reference activations, which ops stay in fp32;
+tracing the half model gets the same result from the source of truth, since the graph keeps exactly
+the fp32 islands the model's authors put in its fp16 code path (timestep/guidance embeddings,
+transformers' fp32 CLIP residual + LayerNorm, kept by :func:`harmonize_float_types`), i.e. the
+numerics diffusers' own fp16 pipelines run in production. Components that overflow in fp16 (the
+SDXL VAE) are kept in fp32 as a whole by the profile (``[precision] vae_decoder = "fp32"``). The
+check is numerical: the fp16 LCM bundle's image is within 2e-2 of the fp32 bundle's on ONNX Runtime
+CPU, with no NaN/inf (tests/engines/test_mixed_precision.py).
 """
 
 from __future__ import annotations
 
 PRECISIONS = ("fp32", "fp16")
-FP32_INPUTS = ("timestep",)
+FP32_INPUTS = ("timestep", "time_ids")  # time_ids: SDXL sizes such as 4097 are not exact in fp16
 
 
 def parse_component_precisions(precision: str, overrides: dict[str, str] | None = None) -> dict:

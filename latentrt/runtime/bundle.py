@@ -36,6 +36,20 @@ def cache_dir_for(bundle: Path) -> Path:
     return path
 
 
+def _check_options(factory, backend: str, options: dict) -> None:
+    """Name the backend's options when a caller passes one it does not take."""
+    import inspect
+
+    params = inspect.signature(factory).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    internal = {"name", "path", "inputs", "outputs", "cache_dir", "model_sha", "manifest_entry", "bundle", "device"}
+    known = sorted(k for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k not in internal)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"backend {backend!r} does not take option(s) {unknown}; its options are {known}")
+
+
 class Bundle:
     def __init__(self, path: str | os.PathLike, *, verify: bool = True):
         self.path = Path(path)
@@ -74,6 +88,7 @@ class Bundle:
                               f"(it has {', '.join(self.manifest.components)})")
         entry = self.manifest.components[component]
         factory = engine_factory(backend)
+        _check_options(factory, backend, options)
         return factory(
             component, self.path / entry.path, entry.spec.inputs, entry.spec.outputs, device=device,
             cache_dir=self.cache_dir, model_sha=self.component_sha(component), manifest_entry=entry,

@@ -14,6 +14,7 @@ def load(bundle: str | os.PathLike, backend: str = "onnxruntime", device: str = 
 
     ``verify`` checks every model file against the manifest's sha256 (remembered between loads).
     ``engine_options`` go to the backend (for onnxruntime: ``threads``, ``optimized_cache``).
+    openvino (the CPU fast path) takes ``threads``, ``precision`` ("auto", "bf16", "fp32") and ``cache``.
     """
     b = Bundle(bundle, verify=verify)
     cls = pipeline_class(b.manifest.pipeline)

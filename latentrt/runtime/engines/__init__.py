@@ -15,6 +15,7 @@ BACKENDS = {
     "onnxruntime": "latentrt.runtime.engines.onnxruntime:OrtEngine",
     "torch": "latentrt.runtime.engines.torch_backend:TorchEngine",
     "tensorrt": "latentrt.runtime.engines.tensorrt:TensorRTEngine",
+    "openvino": "latentrt.runtime.engines.openvino:OpenVINOEngine",
 }
 
 

@@ -64,7 +64,9 @@ def _provider_list(device: str, cache_dir: Path | None):
     providers: list[Any] = []
     for p in wanted:
         if p == "TensorrtExecutionProvider":
-            opts = {"trt_fp16_enable": True}
+            # Precision lives in the graph (fp16 exports): no weak-typing fp16 flag, so the EP builds a
+            # strongly typed network, which is all TensorRT 11 supports (BuilderFlag.FP16 is gone).
+            opts = {"trt_fp16_enable": False}
             if cache_dir is not None:
                 opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir / "ort-trt"),
                             trt_timing_cache_enable=True)
@@ -76,8 +78,13 @@ def _provider_list(device: str, cache_dir: Path | None):
 
 class OrtEngine(Engine):
     def __init__(self, name, path, inputs, outputs, *, device="cpu", threads=None, cache_dir=None, model_sha="",
-                 manifest_entry=None, bundle=None, optimized_cache: bool = True):
+                 manifest_entry=None, bundle=None, optimized_cache: bool = True, io_binding: bool | None = None,
+                 return_torch: bool = False, device_id: int = 0):
         super().__init__(name, inputs, outputs)
+        # I/O binding (see _run_bound): on by default for the GPU providers; io_binding=True forces it on CPU
+        self.io_binding = device != "cpu" if io_binding is None else bool(io_binding)
+        self._bind_device = "cpu" if device == "cpu" else "cuda"
+        self.return_torch, self.device_id = return_torch, device_id
         import onnxruntime as ort
 
         self.device = device
@@ -122,5 +129,55 @@ class OrtEngine(Engine):
         self._output_names = [o.name for o in self.outputs]
 
     def run(self, arrays):
+        if self.io_binding:
+            return self._run_bound(arrays)
         values = self.session.run(self._output_names, arrays)
         return dict(zip(self._output_names, values))
+
+    # -- GPU execution providers (CUDA / TensorRT EP): I/O binding --------------------------------------
+    def cast(self, name, value):
+        if type(value).__module__.startswith("torch"):  # a device tensor: bound in place by _run_bound
+            return value
+        return super().cast(name, value)
+
+    def _run_bound(self, arrays):
+        """Run with ONNX Runtime I/O binding. numpy inputs are copied to the GPU once per call; torch
+        CUDA tensors (for example the previous step's output with ``return_torch=True``) are bound by
+        pointer, so latents stay on the device between denoising steps. Outputs are written into
+        device tensors allocated from the specs (``return_torch=True``: those tensors, fresh each call)
+        or copied back to numpy. Made for the GPU providers (onnxruntime-gpu; torch for device tensors);
+        ``io_binding=True`` runs the same code on the CPU provider."""
+        from ...spec import bind_sizes, concrete_shape
+
+        io = self.session.io_binding()
+        sizes = bind_sizes(self.inputs, arrays, component=self.name)
+        keep = []
+        for s in self.inputs:
+            v = arrays[s.name]
+            if isinstance(v, np.ndarray):
+                io.bind_cpu_input(s.name, v)
+            else:
+                v = v.contiguous()
+                keep.append(v)
+                io.bind_input(s.name, self._bind_device, self.device_id, np.dtype(s.dtype).type, list(v.shape),
+                              v.data_ptr())
+        if keep and self._bind_device == "cuda":
+            import torch
+
+            torch.cuda.current_stream().synchronize()  # ORT reads them on its own stream
+        if self.return_torch:
+            import torch
+
+            outs = {}
+            for s in self.outputs:
+                t = torch.empty(concrete_shape(s, sizes), dtype=getattr(torch, s.dtype),
+                                device="cpu" if self._bind_device == "cpu" else f"cuda:{self.device_id}")
+                io.bind_output(s.name, self._bind_device, self.device_id, np.dtype(s.dtype).type, list(t.shape),
+                               t.data_ptr())
+                outs[s.name] = t
+            self.session.run_with_iobinding(io)
+            return outs
+        for s in self.outputs:
+            io.bind_output(s.name, self._bind_device, self.device_id)
+        self.session.run_with_iobinding(io)
+        return dict(zip(self._output_names, io.copy_outputs_to_cpu()))

@@ -9,6 +9,11 @@ import importlib
 
 PIPELINES = {
     "lcm": "latentrt.runtime.pipelines.lcm:LCMPipeline",
+    "sdxl": "latentrt.runtime.pipelines.sdxl:SDXLPipeline",
+    "sd": "latentrt.runtime.pipelines.sd:StableDiffusionPipeline",
+    "latent_upscale": "latentrt.runtime.pipelines.upscale:LatentUpscalePipeline",
+    "unclip": "latentrt.runtime.pipelines.unclip:UnCLIPPipeline",
+    "unclip_img2img": "latentrt.runtime.pipelines.unclip:UnCLIPImg2ImgPipeline",
 }
 
 
