@@ -97,7 +97,8 @@ def save_images(images, out_dir: Path, settings: dict, stem: str = "image") -> l
     return paths
 
 
-def print_timings(timings: dict, total: float, file=sys.stdout) -> None:
+def print_timings(timings: dict, total: float, file=None) -> None:
+    file = file or sys.stdout  # looked up per call: sys.stdout may have been replaced since import
     for stage, times in timings.items():
         detail = f" ({len(times)} calls, {1000 * sum(times) / len(times):.1f} ms each)" if len(times) > 1 else ""
         print(f"  {stage:<14} {1000 * sum(times):9.1f} ms{detail}", file=file)
