@@ -139,7 +139,7 @@ class BasePipeline:
         (one latent-distribution sample per input image, then repeated to the batch)."""
         if self.is_latents(image):
             init = np.asarray(image, dtype=np.float32)
-        elif getattr(self, "vae_choice", "full") == "tiny":  # TAESD encodes to latents directly: no draw
+        elif self.vae_choice == "tiny":  # TAESD encodes to latents directly: no draw
             if not self.bundle.has("tiny_vae_encoder"):
                 raise ValueError(f"{self.bundle.path}: image-to-image with vae='tiny' needs tiny_vae_encoder, which "
                                  "this bundle lacks; use vae='full' or re-export with --tiny-vae")
@@ -162,13 +162,8 @@ class BasePipeline:
         return mean + std * randn(rng, mean.shape)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        if getattr(self, "vae_choice", "full") == "tiny":
-            out = self.run("tiny_vae_decoder", latent_sample=latents / self.vae_scaling())["sample"]
-            return np.asarray(out, dtype=np.float32)
-        return np.asarray(
-            self.run("vae_decoder", latent_sample=latents / float(self.constants["vae_scaling_factor"]))["sample"],
-            dtype=np.float32,
-        )
+        decoder = self.VAE_COMPONENTS[self.vae_choice][0]
+        return np.asarray(self.run(decoder, latent_sample=latents / self.vae_scaling())["sample"], dtype=np.float32)
 
     @staticmethod
     def check_output_type(output_type: str) -> None:

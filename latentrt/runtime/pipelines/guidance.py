@@ -156,15 +156,19 @@ def denoise(
     unet_inputs: dict | None = None,
     callback_on_step_end: Callable | None = None,
     callback: Callable | None = None,
-) -> np.ndarray:
-    """The SD denoising loop. ``encoder_hidden_states`` is already doubled ([uncond; cond]) when
-    guidance is on; ``unet_inputs`` are further UNet inputs of the (doubled) batch.
+    return_denoised: bool = False,
+):
+    """The denoising loop of every UNet pipeline. ``encoder_hidden_states`` is already doubled
+    ([uncond; cond]) when guidance is on; ``unet_inputs`` are further UNet inputs of the (doubled)
+    batch (``timestep_cond`` for LCMs, ``class_labels`` for unCLIP, ...).
 
     Callbacks see ``latents`` and ``prompt_embeds`` (the doubled embeddings, as in diffusers) and may
-    replace them."""
+    replace them. With ``return_denoised`` (LCM, whose result is the last step's denoised sample, not
+    its ``prev_sample``) callbacks also see ``denoised`` and the loop returns ``(latents, denoised)``."""
     cfg = do_classifier_free_guidance(guidance_scale)
     extra = dict(unet_inputs or {})
     state = sched.init_state(plan)
+    denoised = latents
     for i, t in enumerate(plan.timesteps):
         model_in = np.concatenate([latents, latents], axis=0) if cfg else latents
         model_in = sched.scale_model_input(plan, i, model_in)
@@ -172,8 +176,11 @@ def denoise(
                         encoder_hidden_states=encoder_hidden_states, **extra)["out_sample"]
         pred = apply_guidance(pred, guidance_scale, guidance_rescale) if cfg else np.asarray(pred, np.float32)
         noise = randn(rng, pred.shape) if sched.noise_needed(plan, i, eta=eta) else None
-        latents, _, state = sched.step(plan, i, pred, latents, state, noise=noise, eta=eta)
-        tensors = pipe.call_callbacks(pipe, i, t, {"latents": latents, "prompt_embeds": encoder_hidden_states},
-                                      callback_on_step_end, callback)
+        latents, denoised, state = sched.step(plan, i, pred, latents, state, noise=noise, eta=eta)
+        tensors = {"latents": latents, "prompt_embeds": encoder_hidden_states}
+        if return_denoised:
+            tensors["denoised"] = denoised
+        tensors = pipe.call_callbacks(pipe, i, t, tensors, callback_on_step_end, callback)
         latents, encoder_hidden_states = tensors["latents"], tensors["prompt_embeds"]
-    return latents
+        denoised = tensors.get("denoised", denoised)
+    return (latents, denoised) if return_denoised else latents

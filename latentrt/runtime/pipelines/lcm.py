@@ -14,6 +14,7 @@ import numpy as np
 
 from ..random import as_noise_source, randn
 from .base import BasePipeline, PipelineOutput
+from .guidance import denoise
 
 logger = logging.getLogger("latentrt")
 
@@ -101,22 +102,8 @@ class LCMPipeline(BasePipeline):
 
         w_embedding = guidance_scale_embedding(np.full(bs, guidance_scale - 1.0, dtype=np.float32),
                                                int(self.constants["time_cond_proj_dim"]))
-        latents, denoised = self.denoise(sched, plan, latents, embeds, w_embedding, rng,
-                                         callback_on_step_end, callback)
+        # no batch doubling: guidance enters only through the UNet's guidance embedding
+        _, denoised = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=1.0,
+                              unet_inputs={"timestep_cond": w_embedding}, return_denoised=True,
+                              callback_on_step_end=callback_on_step_end, callback=callback)
         return self.end_call(self.finish(denoised, output_type))
-
-    def denoise(self, sched, plan, latents, embeds, w_embedding, rng, callback_on_step_end=None, callback=None):
-        state = sched.init_state(plan)
-        denoised = latents
-        bs = latents.shape[0]
-        for i, t in enumerate(plan.timesteps):
-            model_in = sched.scale_model_input(plan, i, latents)
-            pred = self.run("unet", sample=model_in, timestep=np.full(bs, t, dtype=np.float32),
-                            encoder_hidden_states=embeds, timestep_cond=w_embedding)["out_sample"]
-            pred = np.asarray(pred, dtype=np.float32)
-            noise = randn(rng, pred.shape) if sched.noise_needed(plan, i) else None
-            latents, denoised, state = sched.step(plan, i, pred, latents, state, noise=noise)
-            tensors = self.call_callbacks(self, i, t, {"latents": latents, "denoised": denoised},
-                                          callback_on_step_end, callback)
-            latents, denoised = tensors["latents"], tensors["denoised"]
-        return latents, denoised
