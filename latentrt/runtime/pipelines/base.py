@@ -154,6 +154,27 @@ class BasePipeline:
             raise ValueError(f"cannot repeat {n} input images to a batch of {batch_size}; pass 1 or {batch_size} images")
         return np.concatenate([init] * (batch_size // n), axis=0) if batch_size > n else init
 
+    def initial_latents(self, plan, batch: int, height: int, width: int, rng: NoiseSource,
+                        latents: np.ndarray | None = None) -> np.ndarray:
+        """Text-to-image start (diffusers' ``prepare_latents``): given or drawn noise, times the
+        scheduler's ``init_noise_sigma``."""
+        f = self.vae_scale_factor
+        shape = (batch, int(self.constants["unet_in_channels"]), height // f, width // f)
+        if latents is None:
+            latents = randn(rng, shape)
+        else:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents have shape {latents.shape}; expected {shape} for this call")
+        return latents * np.float32(plan.init_noise_sigma)
+
+    def noised_image_latents(self, sched, plan, image: Any, batch: int, rng: NoiseSource) -> np.ndarray:
+        """Image-to-image start: encode the image (checking its size suits the UNet) and noise it to
+        the plan's first timestep, drawing as diffusers does (VAE sample, then the noise)."""
+        init = self.encode_image(image, batch, rng)
+        self.default_size(init.shape[2] * self.vae_scale_factor, init.shape[3] * self.vae_scale_factor)
+        return sched.add_noise(plan, init, randn(rng, init.shape), 0)
+
     @staticmethod
     def sample_latent_dist(params: np.ndarray, rng: NoiseSource) -> np.ndarray:
         """diffusers' DiagonalGaussianDistribution(parameters).sample()."""

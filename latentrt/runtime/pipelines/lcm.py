@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..random import as_noise_source, randn
+from ..random import as_noise_source
 from .base import BasePipeline, PipelineOutput
 from .guidance import denoise
 
@@ -86,19 +86,9 @@ class LCMPipeline(BasePipeline):
         embeds = self.repeat_per_prompt(embeds, num_images_per_prompt)
 
         if img2img:
-            init = self.encode_image(image, bs, rng)
-            self.default_size(init.shape[2] * self.vae_scale_factor, init.shape[3] * self.vae_scale_factor)
-            latents = sched.add_noise(plan, init, randn(rng, init.shape), 0)
+            latents = self.noised_image_latents(sched, plan, image, bs, rng)
         else:
-            shape = (bs, int(self.constants["unet_in_channels"]), height // self.vae_scale_factor,
-                     width // self.vae_scale_factor)
-            if latents is None:
-                latents = randn(rng, shape)
-            else:
-                latents = np.asarray(latents, dtype=np.float32)
-                if latents.shape != shape:
-                    raise ValueError(f"latents have shape {latents.shape}; expected {shape} for this call")
-            latents = latents * np.float32(plan.init_noise_sigma)
+            latents = self.initial_latents(plan, bs, height, width, rng, latents)
 
         w_embedding = guidance_scale_embedding(np.full(bs, guidance_scale - 1.0, dtype=np.float32),
                                                int(self.constants["time_cond_proj_dim"]))

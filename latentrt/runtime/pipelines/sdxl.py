@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..random import as_noise_source, randn
+from ..random import as_noise_source
 from .base import BasePipeline, PipelineOutput
 from .guidance import denoise, negative_prompt_list, sd_plan
 from .lcm import guidance_scale_embedding
@@ -217,22 +217,13 @@ class SDXLPipeline(BasePipeline):
             if latents is not None:
                 latents = np.asarray(latents, dtype=np.float32)
             else:
-                init = self.encode_image(image, bs, rng)
-                latents = sched.add_noise(plan, init, randn(rng, init.shape), 0)
+                latents = self.noised_image_latents(sched, plan, image, bs, rng)
             height, width = latents.shape[2] * self.vae_scale_factor, latents.shape[3] * self.vae_scale_factor
             self.default_size(height, width)
         else:
             plan = sched.plan(None if timesteps is not None else num_inference_steps, timesteps=timesteps)
             height, width = self.default_size(height, width)
-            shape = (bs, int(self.constants["unet_in_channels"]), height // self.vae_scale_factor,
-                     width // self.vae_scale_factor)
-            if latents is None:
-                latents = randn(rng, shape)
-            else:
-                latents = np.asarray(latents, dtype=np.float32)
-                if latents.shape != shape:
-                    raise ValueError(f"latents have shape {latents.shape}; expected {shape} for this call")
-            latents = latents * np.float32(plan.init_noise_sigma)
+            latents = self.initial_latents(plan, bs, height, width, rng, latents)
 
         # 3. micro-conditioning, laid out exactly as each diffusers pipeline does
         original_size = original_size or (height, width)

@@ -118,15 +118,7 @@ class _UnCLIPBase(BasePipeline):
             class_labels = np.concatenate([np.zeros_like(class_labels), class_labels], axis=0)
         sched = self.get_scheduler(scheduler)
         plan = sched.plan(num_inference_steps)
-        f = self.vae_scale_factor
-        shape = (batch, int(self.constants["unet_in_channels"]), height // f, width // f)
-        if latents is None:
-            latents = randn(rng, shape)
-        else:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != shape:
-                raise ValueError(f"latents have shape {latents.shape}; expected {shape} for this call")
-        latents = latents * np.float32(plan.init_noise_sigma)
+        latents = self.initial_latents(plan, batch, height, width, rng, latents)
         latents = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale, eta=eta,
                           unet_inputs={"class_labels": class_labels}, callback_on_step_end=callback_on_step_end,
                           callback=callback)
