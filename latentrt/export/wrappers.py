@@ -71,15 +71,9 @@ class TinyVaeEncoderWrapper(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0]
 
 
-class TinyVaeDecoderWrapper(torch.nn.Module):
-    """AutoencoderTiny latents -> image in [-1, 1]; the decoder's own tanh clamp is part of the graph."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent_sample):
-        return self.vae.decode(latent_sample, return_dict=False)[0]
+#: AutoencoderTiny latents -> image in [-1, 1]: ``decode`` has AutoencoderKL's signature, and the
+#: decoder's own tanh clamp is part of the graph.
+TinyVaeDecoderWrapper = VaeDecoderWrapper
 
 
 class TextEncoderPrenormWrapper(TextEncoderWrapper):
