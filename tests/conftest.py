@@ -39,6 +39,18 @@ def _have_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The diffusers references and export tracing run tiny models, for which torch's thread pool
+    costs more than it gives (several times slower with two threads, ~50x on a loaded machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_lcm_dir(tmp_path_factory):
     from latentrt.export.tiny import save_tiny_lcm

@@ -77,15 +77,6 @@ V_IMG2IMG = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The diffusers reference on a shared 2-core machine: one thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _load_ref(path):
     from diffusers import StableDiffusionPipeline
 

@@ -19,15 +19,6 @@ from latentrt.runtime.random import TorchGeneratorNoise
 FP16_TOL = 2e-2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: torch's thread pool costs more than it gives (50x slower on a loaded 2-core
-    machine), so the references and the export tracing run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def overflowing():
     from latentrt.export.tiny import make_fp16_overflowing, tiny_sdxl_pipeline

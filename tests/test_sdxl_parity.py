@@ -61,15 +61,6 @@ def _img2img(pipe):
     return ref
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: torch's thread pool costs more than it gives (50x slower on a loaded 2-core
-    machine), so the references and the export tracing run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def lcm(tmp_path_factory):
     from latentrt.export.tiny import tiny_sdxl_pipeline

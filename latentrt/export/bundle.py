@@ -6,7 +6,6 @@ the end, so an interrupted or failed export leaves nothing half-written behind.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .. import __version__
-from ..manifest import MANIFEST_NAME, Manifest, write_json_atomic
+from ..manifest import Manifest, write_json_atomic
 from .onnx_export import ExportOptions, export_component
 from .precision import parse_component_precisions
 from .recipes import detect_kind

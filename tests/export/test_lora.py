@@ -18,14 +18,6 @@ from latentrt.runtime.random import TorchGeneratorNoise
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     from latentrt.export.tiny import save_tiny_sd

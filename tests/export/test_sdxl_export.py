@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from latentrt.export.onnx_export import ExportOptions, export_component
 from latentrt.export.recipes import UnsupportedModelError, detect_kind
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_ssd_1b_unet_exports(tmp_path):
