@@ -94,18 +94,26 @@ class Manifest:
         write_json_atomic(Path(bundle) / MANIFEST_NAME, self.to_dict())
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to ``path`` and rename it into place, so readers never see half a file."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write next to ``path`` and rename into place, so readers never see half a file. The file gets
+    the usual umask-based mode (mkstemp alone would leave it owner-only)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

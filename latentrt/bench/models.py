@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -69,19 +67,6 @@ SEED = 1234
 def default_cache_dir() -> Path:
     env = os.environ.get("LATENTRT_BENCH_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "latentrt" / "bench"
-
-
-def _atomic_dir(out: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temporary sibling and rename into place: an interrupted build leaves no half cache."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        build(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def _save_module(module, folder: Path) -> None:
@@ -146,7 +131,10 @@ def ensure_model(name: str, cache_dir: Path | None = None, progress: Callable[[s
         raise ValueError(f"unknown benchmark model {name!r}; known: {sorted(MODELS)} (or pass a bundle folder)")
     out = Path(cache_dir or default_cache_dir()) / "models" / name
     if not (out / "model_index.json").is_file():
-        _atomic_dir(out, lambda tmp: MODELS[name](tmp, progress))
+        from ..export.bundle import atomic_bundle_dir
+
+        with atomic_bundle_dir(out, overwrite=True) as tmp:  # an interrupted build leaves no half cache
+            MODELS[name](tmp, progress)
     return out
 
 

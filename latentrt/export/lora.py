@@ -17,12 +17,13 @@ LoRA that fits only partly is one too (it is nearly always a LoRA for another ba
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from ..manifest import sha256_file
 
 logger = logging.getLogger("latentrt")
 
@@ -80,14 +81,6 @@ def _load_kwargs(source: str) -> tuple[str, dict, str | None]:
     if not looks_local and len(parts) == 3 and all(parts) and parts[2].endswith((".safetensors", ".bin")):
         return "/".join(parts[:2]), {"weight_name": parts[2]}, None  # hub id + weight file
     raise LoraError(f"LoRA {source}: no such file or folder (and not a hub id owner/name[/weights.safetensors])")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _lora_modules(state_dict: dict) -> dict[str, set[str]]:
@@ -166,7 +159,7 @@ def fuse_loras(pipe, loras: Iterable) -> list[dict]:
         names.append(name)
         weights.append(float(spec.weight))
         records.append({"source": spec.source, "weight": float(spec.weight), "format": fmt, "layers": layers,
-                        **({"sha256": _sha256(local_file)} if local_file else {})})
+                        **({"sha256": sha256_file(local_file)} if local_file else {})})
     pipe.set_adapters(names, adapter_weights=weights)
     components = [c for c in LORA_COMPONENTS if any(r["layers"].get(c) for r in records)]
     pipe.fuse_lora(components=components, adapter_names=names)

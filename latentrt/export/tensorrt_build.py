@@ -26,7 +26,6 @@ real engines carry ``@pytest.mark.tensorrt``.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -35,7 +34,7 @@ from typing import Callable, Mapping, Protocol
 
 from ..engine_cache import (ENGINES_DIR, component_profile_view, engine_key, engine_problems, engine_records,
                             onnx_sha)
-from ..manifest import BundleError, read_manifest, sha256_file, verify_files
+from ..manifest import BundleError, read_manifest, sha256_file, verify_files, write_bytes_atomic
 from ..profiles import BuilderOptions, InputShapes, Profile
 
 TWO_GIB = 2 << 30
@@ -177,7 +176,7 @@ class TensorRTAPI:
         if plan is None:
             raise BuildError(f"TensorRT failed to build {onnx_path} (see the TensorRT log above)")
         if cache is not None:
-            _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+            write_bytes_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
         return bytes(plan)
 
 
@@ -209,19 +208,6 @@ def _progress_monitor(trt, progress):
 
 
 # -- the build --------------------------------------------------------------------------------------
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _update_manifest(bundle: Path, add: Mapping[str, dict] = {}, remove=()) -> None:
     """Re-read the manifest and write it back with the engine records changed, atomically."""
     manifest = read_manifest(bundle)
@@ -301,7 +287,7 @@ def build_engines(bundle, profile: Profile, *, api: TensorRTBuilderAPI | None = 
             progress(f"  graph cleaned up ({how})")
             plan = api.build(cleaned, shapes[c], profile.builder, timing, progress)
         out = engines_dir / key / f"{c}.plan"
-        _write_atomic(out, plan)
+        write_bytes_atomic(out, plan)
         rec = {
             "component": c, "profile": profile.name, "path": out.relative_to(bundle).as_posix(),
             "plan_sha256": sha256_file(out), "plan_size": out.stat().st_size, "plan_mtime_ns": out.stat().st_mtime_ns,

@@ -150,7 +150,6 @@ class OrtEngine(Engine):
         from ...spec import bind_sizes, concrete_shape
 
         io = self.session.io_binding()
-        sizes = bind_sizes(self.inputs, arrays, component=self.name)
         keep = []
         for s in self.inputs:
             v = arrays[s.name]
@@ -168,6 +167,7 @@ class OrtEngine(Engine):
         if self.return_torch:
             import torch
 
+            sizes = bind_sizes(self.inputs, arrays, component=self.name)  # output shapes to allocate
             outs = {}
             for s in self.outputs:
                 t = torch.empty(concrete_shape(s, sizes), dtype=getattr(torch, s.dtype),
