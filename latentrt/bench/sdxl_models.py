@@ -124,7 +124,8 @@ def save_sdxl(out: Path, name: str, progress: Callable[[str], None] = print) -> 
         progress(f"building {part} (random weights, seed {SEED + i})")
         torch.manual_seed(SEED + i)
         m = make().eval()
-        m.save_pretrained(str(out / part), safe_serialization=True)
+        # small shards: safetensors serialises a shard in memory, so a 10 GB shard would double the peak
+        m.save_pretrained(str(out / part), safe_serialization=True, max_shard_size="2GB")
         del m
         gc.collect()
     tiny_tokenizer(out / "tokenizer")

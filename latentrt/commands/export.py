@@ -15,7 +15,18 @@ def register(sub) -> None:
                                      "`latentrt profiles` lists them); --precision/--component-precision override it")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--no-check", action="store_true", help="check each component at one size only")
+    p.add_argument("--check", choices=["full", "quick", "off"], default=None,
+                   help="check each component against torch at two sizes (full, the default), one (quick) or not "
+                        "at all (off: for graphs too big to run next to their torch module)")
+    p.add_argument("--no-check", action="store_true", help="same as --check quick")
+    p.add_argument("--trace-size", type=int, metavar="PIXELS",
+                   help="trace and check at this height and width instead of the pipeline's default (graphs stay "
+                        "dynamic); e.g. 256 makes a 1024x1024 SDXL export much cheaper")
+    p.add_argument("--low-memory", action="store_true",
+                   help="load each component in its export precision (fp16 weights for fp16 components) instead "
+                        "of fp32 plus an fp16 copy; fp16 graphs are then checked against the fp16 module. "
+                        "An fp16 SDXL bundle (VAE fp32, --trace-size 256, --check off) exported with a peak RSS of "
+                        "20.5 GB this way (benchmarks/RESULTS.md)")
     p.add_argument("--lora", action="append", default=[], metavar="SRC[:WEIGHT]",
                    help="fuse a LoRA (diffusers/PEFT or kohya .safetensors; local file or folder, or hub id "
                         "owner/name[/file.safetensors]) into the UNet and text encoder before export, with WEIGHT "
@@ -48,7 +59,8 @@ def run(args) -> int:
     export_bundle(
         args.src, args.output, precision=precision, overwrite=args.overwrite, revision=args.revision,
         component_precision=component_precision,
-        check=not args.no_check,
+        check=getattr(args, "check", None) or ("quick" if args.no_check else "full"),
+        low_memory=getattr(args, "low_memory", False), trace_size=getattr(args, "trace_size", None),
         **({"tiny_vae": args.tiny_vae} if getattr(args, "tiny_vae", None) else {}),
         **({"loras": args.lora} if getattr(args, "lora", None) else {}),
         **({"vae": args.vae} if getattr(args, "vae", None) else {}),

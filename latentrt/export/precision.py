@@ -40,14 +40,15 @@ def parse_component_precisions(precision: str, overrides: dict[str, str] | None 
     return dict(overrides or {})
 
 
-def harmonize_float_types(model, max_passes: int = 8):
+def harmonize_float_types(model, max_passes: int = 8, base_dir: str | None = None):
     """Make every node's float inputs share one type, as torch's type promotion does.
 
     torch runs some ops with mixed float inputs (transformers 5 keeps the CLIP residual stream in
     fp32 under a half model, so LayerNorm sees fp32 activations with fp16 weights); ONNX requires
     one type. Each such input in fp16 is cast up to fp32 (initializers are converted in place when
     nothing else uses them), which keeps those norms in fp32. Repeats until type inference finds
-    no mixed node.
+    no mixed node. ``model`` may be loaded without its external weights (``base_dir`` is where they
+    are; the few initializers converted here are read from there).
     """
     import numpy as np
     import onnx
@@ -73,7 +74,7 @@ def harmonize_float_types(model, max_passes: int = 8):
                     if types.get(name) != TensorProto.FLOAT16:
                         continue
                     if name in inits and uses.get(name) == 1:
-                        arr = numpy_helper.to_array(inits[name]).astype(np.float32)
+                        arr = numpy_helper.to_array(inits[name], base_dir=str(base_dir or "")).astype(np.float32)
                         inits[name].CopyFrom(numpy_helper.from_array(arr, name))
                     else:
                         cast_out = f"{name}__to_fp32__{len(new_nodes)}"
