@@ -37,6 +37,7 @@ import numpy as np
 
 from .base import Engine
 from .onnxruntime import default_threads
+from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph, mark_decompression
 
 #: our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -91,13 +92,17 @@ def _ir_cache(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: 
     and OpenVINO 2026.4's blob cache key ignores the precision hint (an fp32 blob imported for a
     bf16 request gives NaNs). For reduced precisions the weights are stored as fp16 (half the file
     and the mapping; the CPU plugin repacks them to bf16, which keeps fewer mantissa bits than
-    fp16, so nothing is lost that bf16 compute would keep); fp32 keeps fp32 weights.
+    fp16, so nothing is lost that bf16 compute would keep); fp32 keeps fp32 weights. fp16 bundles'
+    graphs are first rewritten as fp32 compute over fp16 weights (:mod:`.openvino_f16`: without it the
+    CPU plugin converts all weights at compile time and holds ~3x them, 15 GB for the SDXL UNet).
     """
     compress = precision != "fp32"
     if not model_sha:  # no manifest hash: key by the file's size and mtime
         st = onnx_path.stat()
         model_sha = f"{st.st_size}-{st.st_mtime_ns}"
-    key = hashlib.sha256(f"{model_sha}|{ov.__version__}|{int(compress)}".encode()).hexdigest()[:16]
+    # fp16 graphs are rewritten as fp32 compute over fp16 weights unless they run in fp16 (openvino_f16)
+    rewrite = precision != "fp16"
+    key = hashlib.sha256(f"{model_sha}|{ov.__version__}|{int(compress)}|f16rewrite{int(rewrite)}".encode()).hexdigest()[:16]
     folder = cache_dir / "openvino"
     xml = folder / f"{name}-{'f16w' if compress else 'f32w'}-{key}.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
@@ -105,7 +110,14 @@ def _ir_cache(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{xml.stem}.{os.getpid()}.tmp.xml"
     try:
-        ov.save_model(core.read_model(str(onnx_path)), str(tmp), compress_to_fp16=compress)
+        model = core.read_model(str(onnx_path))
+        rewritten = rewrite and is_f16_graph(model)
+        if rewritten:
+            model, _ = as_f32_with_f16_weights(model)
+        ov.save_model(model, str(tmp), compress_to_fp16=compress)
+        del model
+        if rewritten:
+            mark_decompression(tmp)
         os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))  # the weights first, then the graph
         os.replace(tmp, xml)
     except OSError:  # read-only or full cache: compile from the ONNX file directly
