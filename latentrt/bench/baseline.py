@@ -1,5 +1,9 @@
 """The diffusers baseline on the very same weights, instrumented with the same per-stage timings as
-latentrt's pipelines (text_encoder, unet per step, vae_decoder / tiny_vae_decoder).
+latentrt's pipelines (text_encoder, text_encoder_2 for SDXL, unet per step, vae_decoder / tiny_vae_decoder).
+
+The pipeline class is the one the model folder declares (``model_index.json`` ``_class_name``):
+``LatentConsistencyModelPipeline`` for SD1.5 LCM, ``StableDiffusionXLPipeline`` for the SDXL family
+(LCM-SDXL UNets get diffusers' guidance embedding and no classifier-free guidance, as in latentrt).
 
 CPU: torch fp32 with ``torch.set_num_threads`` equal to latentrt's thread count. CUDA: fp16 with
 PyTorch's SDPA attention (diffusers' default processor on torch 2), stages timed with CUDA events.
@@ -13,6 +17,38 @@ import time
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+#: text-to-image pipeline classes the baseline runs (``model_index.json`` ``_class_name``)
+PIPELINE_CLASSES = ("LatentConsistencyModelPipeline", "StableDiffusionXLPipeline")
+#: the class of folders without a ``_class_name`` (the SD1.5 LCM baseline the harness started with)
+DEFAULT_PIPELINE = "LatentConsistencyModelPipeline"
+#: per-stage names of the timed modules, as latentrt's pipelines name their engines
+TEXT_STAGES = ("text_encoder", "text_encoder_2")
+
+
+def pipeline_class_name(model_folder: str | Path) -> str:
+    """The diffusers pipeline class a model folder declares, checked against :data:`PIPELINE_CLASSES`."""
+    import json
+
+    index = Path(model_folder) / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name") or DEFAULT_PIPELINE
+    except FileNotFoundError:
+        raise ValueError(f"{model_folder}: not a diffusers model folder (no model_index.json)") from None
+    except ValueError as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from None
+    if name not in PIPELINE_CLASSES:
+        raise ValueError(f"{index}: the diffusers baseline runs {list(PIPELINE_CLASSES)}, not {name!r}; "
+                         "benchmark this model without a baseline (baselines = [], --no-baseline)")
+    return name
+
+
+def _accepted(cls, **kwargs) -> dict:
+    """The keyword arguments ``cls.__init__`` takes (``from_pretrained`` warns about the others)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def quiet_loading() -> None:
@@ -75,38 +111,52 @@ class StageClock:
 
 
 class DiffusersBaseline:
-    """``LatentConsistencyModelPipeline`` from the folder a bundle was exported from."""
+    """The diffusers pipeline (:func:`pipeline_class_name`) of the folder a bundle was exported from."""
 
     system = "diffusers"
 
     def __init__(self, model_folder: str | Path, *, vae: str = "full", taesd=None, device: str = "cpu",
                  precision: str = "fp32", threads: int | None = None):
+        import diffusers
         import torch
-        from diffusers import AutoencoderTiny, LatentConsistencyModelPipeline
+        from diffusers import AutoencoderTiny
 
         quiet_loading()
         if precision not in DTYPES:
             raise ValueError(f"baseline precision must be one of {sorted(DTYPES)}; got {precision!r}")
+        cls = getattr(diffusers, pipeline_class_name(model_folder))
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if device in ("cuda", "tensorrt") else "cpu"
         dtype = getattr(torch, DTYPES[precision])
-        pipe = LatentConsistencyModelPipeline.from_pretrained(str(model_folder), dtype=dtype, safety_checker=None,
-                                                              requires_safety_checker=False)
+        # no safety checker (LCM) and no invisible watermark (SDXL): latentrt has neither
+        kw = _accepted(cls, safety_checker=None, requires_safety_checker=False, add_watermarker=False)
         if vae == "tiny":
             if taesd is None:
                 raise ValueError("the diffusers baseline with vae='tiny' needs the TAESD folder or hub id")
-            tiny = AutoencoderTiny.from_pretrained(str(taesd)).to(dtype).eval()
-            pipe = LatentConsistencyModelPipeline(**{**pipe.components, "vae": tiny})
+            kw["vae"] = AutoencoderTiny.from_pretrained(str(taesd), dtype=dtype).eval()
+        # TAESD is passed in place of the folder's VAE (never loaded): quiet diffusers' "Expected types
+        # for vae" warning about that
+        from diffusers.utils import logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()
+        try:
+            pipe = cls.from_pretrained(str(model_folder), dtype=dtype, **kw)
+        finally:
+            dlog.set_verbosity(level)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         self.vae_stage = "tiny_vae_decoder" if vae == "tiny" else "vae_decoder"
         self.clock = StageClock(self.device == "cuda")
         p = self.pipe
-        p.text_encoder.forward = self.clock.wrap("text_encoder", p.text_encoder.forward)
+        modules = [(stage, getattr(p, stage, None)) for stage in TEXT_STAGES]
+        modules = [(stage, m) for stage, m in modules if m is not None]
+        for stage, m in modules:
+            m.forward = self.clock.wrap(stage, m.forward)
         p.unet.forward = self.clock.wrap("unet", p.unet.forward)
         p.vae.decode = self.clock.wrap(self.vae_stage, p.vae.decode)
-        self.weight_bytes = sum(t.numel() * t.element_size() for m in (p.text_encoder, p.unet, p.vae)
+        self.weight_bytes = sum(t.numel() * t.element_size() for m in [*(m for _, m in modules), p.unet, p.vae]
                                 for t in [*m.parameters(), *m.buffers()])
 
     def __call__(self, *, prompt, height, width, steps, batch, guidance, seed, count_flops: bool = False):

@@ -5,6 +5,12 @@ Per scenario and system, one JSON line (see :func:`result_record`); the first li
 describes the environment. Order per scenario: latentrt first (cold start with an empty engine cache,
 then a second load, then the timed calls), then the baseline (whose first call also counts FLOPs per
 stage with torch's FlopCounterMode, outside the timed repeats). Host memory peaks are per phase.
+
+With a scenario's ``isolate`` on, each system is measured by the same code in a fresh child process
+(:mod:`.child`): the parent only emits the child's record, keeps the images for PSNR and steps the
+progress bar. Such records carry ``process`` ({"isolated": true, "pid", "parent_pid", "wall_s"}: the
+child that measured it) and ``memory.own_process`` (true: the peaks are that process's alone; for
+latentrt the ``isolated_memory`` probe is skipped, ``memory.isolated_probe`` says so).
 """
 
 from __future__ import annotations
@@ -141,6 +147,16 @@ def resolve_bundle(sc: Scenario, cache_dir: Path | None, log: Callable[[str], No
     return ensure_bundle(sc.model, sc.precision, cache_dir, progress=log)
 
 
+def own_process(sc: Scenario, latentrt: bool = True) -> dict:
+    """The memory fields of a system measured in its own process (``isolate``); {} otherwise."""
+    if not sc.isolate:
+        return {}
+    out = {"own_process": True}
+    if latentrt and sc.isolated_memory:
+        out["isolated_probe"] = "skipped: with isolate the peaks above are already this process's alone"
+    return out
+
+
 class Runner:
     def __init__(self, *, out_path: Path | None, cache_dir: Path | None = None, progress: bool = True,
                  gemm: bool = True, log: Callable[[str], None] = print):
@@ -190,6 +206,18 @@ class Runner:
         return kw
 
     def run_latentrt(self, sc: Scenario, bundle: Path, bar: Progress):
+        """Measure latentrt (here, or in a child process with ``isolate``), emit its record; its first image."""
+        if sc.isolate:
+            from .child import run_in_child
+
+            rec, image = run_in_child(self, sc, bundle, bar, "latentrt")
+        else:
+            rec, image = self.measure_latentrt(sc, bundle, bar)
+        self.emit(rec)
+        return image
+
+    def measure_latentrt(self, sc: Scenario, bundle: Path, bar: Progress) -> tuple[dict, object]:
+        """latentrt's result record and first image, measured in this process."""
         import latentrt
 
         noise = noise_factory(sc)
@@ -240,7 +268,7 @@ class Runner:
         del pipe
         gc.collect()
         isolated = None
-        if sc.isolated_memory:
+        if sc.isolated_memory and not sc.isolate:
             from .memprobe import run_probe
 
             bar.note(f"{sc.name}: latentrt peak RSS (fresh process)")
@@ -249,27 +277,45 @@ class Runner:
             "compute_precision": compute,
             "cold_start": cold,
             "memory": {**mem.result(), "weight_bytes": weight_bytes, "components_loaded": components,
-                       **({"isolated": isolated} if isolated is not None else {})},
+                       **({"isolated": isolated} if isolated is not None else {}), **own_process(sc)},
             "bundle": {"path": str(bundle), "hash": bundle_hash(bundle), "precision": m.precision,
                        "component_precision": {c: m.components[c].precision for c in components}},
         }
-        self.emit(result_record(run_id=self.run_id, sc=sc, system="latentrt", vae=sc.vae, precision=sc.precision,
-                                e2e=e2e, timings=timings, extra=extra))
-        return image
+        rec = result_record(run_id=self.run_id, sc=sc, system="latentrt", vae=sc.vae, precision=sc.precision,
+                            e2e=e2e, timings=timings, extra=extra)
+        return rec, image
 
     # -- baselines --------------------------------------------------------------------------------
     def run_baseline(self, sc: Scenario, bundle: Path, bar: Progress, name: str) -> None:
-        from .baseline import DiffusersBaseline
-        from .models import model_folder_of, taesd_folder_of
-
+        """Measure baseline ``name`` (here, or in a child process with ``isolate``) and emit its record,
+        or reuse the record of the same baseline measured for an earlier scenario."""
         vae, prec = sc.resolved_baseline_vae, sc.resolved_baseline_precision
         key = (name, group_key(sc, vae), prec, sc.device, sc.resolved_threads, sc.warmup, sc.repeats)
+        if sc.isolate:  # a baseline measured in a shared process is no stand-in for an isolated one
+            key += ("isolated",)
         if key in self.baseline_done:  # the same baseline measured for an earlier scenario: reuse it
             rec = dict(self.baseline_done[key], scenario=sc.name, settings=sc.to_dict(), reused=True)
             self.emit(rec)
             for _ in range(planned_calls(sc) - (sc.warmup + sc.repeats + (1 if sc.cold_start else 0))):
                 bar.step(f"{sc.name}: {name} (reused)")
             return
+        if sc.isolate:
+            from .child import run_in_child
+
+            rec, image = run_in_child(self, sc, bundle, bar, name)
+        else:
+            rec, image = self.measure_baseline(sc, bundle, bar, name)
+        if prec == "fp32":
+            self.references[group_key(sc, vae)] = image
+        self.baseline_done[key] = rec
+        self.emit(rec)
+
+    def measure_baseline(self, sc: Scenario, bundle: Path, bar: Progress, name: str) -> tuple[dict, object]:
+        """Baseline ``name``'s result record and first image, measured in this process."""
+        from .baseline import DiffusersBaseline
+        from .models import model_folder_of, taesd_folder_of
+
+        vae, prec = sc.resolved_baseline_vae, sc.resolved_baseline_precision
         folder = model_folder_of(bundle)
         if folder is None:
             raise ValueError(f"{bundle}: the diffusers folder it was exported from is gone, so the baseline cannot "
@@ -303,7 +349,7 @@ class Runner:
         extra = {
             "cold_start": {"load_s": load_s, "first_image_s": first_s,
                            "note": "first image counted FLOPs (FlopCounterMode), so it is slower than a plain call"},
-            "memory": {**mem.result(), "weight_bytes": base.weight_bytes},
+            "memory": {**mem.result(), "weight_bytes": base.weight_bytes, **own_process(sc, latentrt=False)},
             "flops": flops,
             "baseline": {"library": "diffusers", "pipeline": type(base.pipe).__name__, "dtype": prec,
                          "attention": "SDPA" if base.device == "cuda" else "default (torch CPU)"},
@@ -314,10 +360,7 @@ class Runner:
         gc.collect()
         rec = result_record(run_id=self.run_id, sc=sc, system=name, vae=vae, precision=prec, e2e=e2e,
                             timings=timings, extra=extra)
-        if prec == "fp32":
-            self.references[group_key(sc, vae)] = image
-        self.baseline_done[key] = rec
-        self.emit(rec)
+        return rec, image
 
     def add_quality(self, sc: Scenario, image) -> None:
         """PSNR of latentrt's image against the fp32 diffusers image of the same VAE and noise."""

@@ -161,9 +161,10 @@ def target_checks(envs: list[dict], results: list[dict]) -> list[Check]:
                                 f"of which {_mb(iso['rss_after_imports_bytes'])} after imports, vs weights "
                                 f"{_mb(iso['weight_bytes'])}"))
         elif mem.get("weight_bytes"):
+            where = "own-process (isolate)" if mem.get("own_process") else "in-process"
             checks.append(Check("peak_rss_vs_weights", sc, mem["peak_rss_delta_bytes"] / mem["weight_bytes"],
                                 *TARGETS["peak_rss_vs_weights"],
-                                f"in-process peak RSS growth {_mb(mem['peak_rss_delta_bytes'])} (absolute "
+                                f"{where} peak RSS growth {_mb(mem['peak_rss_delta_bytes'])} (absolute "
                                 f"{_mb(mem['peak_rss_bytes'])}) vs weights {_mb(mem['weight_bytes'])}; an estimate: "
                                 "earlier phases' freed memory may be reused"))
         cold = r.get("cold_start", {})

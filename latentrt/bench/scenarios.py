@@ -3,6 +3,12 @@
 
 TOML layout (see ``benchmarks/scenarios/*.toml``): a ``[defaults]`` table and one ``[[scenario]]``
 table per scenario; a scenario's keys override the defaults, and command-line options override both.
+
+``isolate = true`` measures each system of a scenario (latentrt, then each baseline) in a fresh child
+process (:mod:`latentrt.bench.child`), so their memory never adds up and each record's peak RSS is its
+own process's: needed where the two systems do not fit in memory together (full-size SDXL at
+1024x1024: ~14 GB for the fp32 diffusers baseline, ~8 GB for latentrt). It makes the separate
+``isolated_memory`` probe redundant, so that probe is skipped.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ class Scenario:
     threads: int | None = None  # None: the CPUs this process may use
     warmup: int = 1
     repeats: int = 5
-    #: baselines run in the same process on the same weights ("diffusers"); [] for none
+    #: baselines run in the same process (unless ``isolate``) on the same weights ("diffusers"); [] for none
     baselines: tuple[str, ...] = ("diffusers",)
     #: the VAE the baseline uses ("full" compares TAESD runs against diffusers with its full VAE)
     baseline_vae: str | None = None
@@ -42,6 +48,8 @@ class Scenario:
     cold_start: bool = True
     #: also measure peak RSS of the runtime alone, in a fresh process (load + one call)
     isolated_memory: bool = True
+    #: measure each system (latentrt, each baseline) in its own fresh child process
+    isolate: bool = False
     prompt: str = "a photograph of an astronaut riding a horse on the moon, highly detailed"
     seed: int = 0
     #: extra options for the engine backend (e.g. ONNX Runtime session settings of a fast path)
@@ -62,6 +70,8 @@ class Scenario:
             v = getattr(self, k)
             if v is not None and v not in VAES:
                 raise ValueError(f"scenario {self.name!r}: {k} must be one of {VAES}; got {v!r}")
+        if not isinstance(self.isolate, bool):
+            raise ValueError(f"scenario {self.name!r}: isolate must be true or false; got {self.isolate!r}")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ValueError(f"scenario {self.name!r}: unknown baselines {bad}; known: {list(BASELINES)}")

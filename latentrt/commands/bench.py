@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--no-gemm", action="store_true", help="skip the GEMM-rate probe of the environment capture")
     p.add_argument("--no-isolated-memory", action="store_true",
                    help="skip the peak-RSS measurement of the runtime alone in a fresh process")
+    p.add_argument("--isolate", action="store_true",
+                   help="measure each system (latentrt, each baseline) in its own fresh process, so their memory "
+                        "never adds up (full-size SDXL)")
     p.add_argument("--cache-dir", help="where benchmark models and bundles are cached "
                                        "(default $LATENTRT_BENCH_CACHE or ~/.cache/latentrt/bench)")
     p.add_argument("-o", "--output", default="bench-results.jsonl", help="JSON-lines file to append to")
@@ -54,6 +57,8 @@ def scenarios_from_args(args):
         over["cold_start"] = False
     if args.no_isolated_memory:
         over["isolated_memory"] = False
+    if args.isolate:
+        over["isolate"] = True
     if args.config:
         return load_scenarios(args.config, over, args.scenario)
     if args.scenario:
