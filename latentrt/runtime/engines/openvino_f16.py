@@ -6,8 +6,9 @@ full-size SDXL UNet (5.1 GB of fp16 weights) measured 15.2 GB RSS right after ``
 (23 s) with OpenVINO 2026.4, and the whole SDXL pipeline did not fit in 24 GiB. Weights stored the
 way OpenVINO stores them for fp32 models saved with ``compress_to_fp16`` (an fp16 Constant feeding
 a Convert to f32 marked as *decompression*) are instead repacked lazily to the inference precision:
-the same UNet compiles in 7.8 s to 0.5 GB and runs a 1024x1024 step at 11.4 GB RSS, 5.1 GB of it
-the memory-mapped IR (``/tmp`` probe scripts, see benchmarks/RESULTS.md).
+the same UNet compiles in 7.8 s to 0.5 GB and runs a 1024x1024 step at 11.1 GB RSS, of which 5.1 GB
+are file-backed pages of the memory-mapped IR (RssFile; probe scripts that compile the UNet IR alone,
+see benchmarks/RESULTS.md, SDXL section).
 
 So before an fp16 graph is saved as IR (:func:`latentrt.runtime.engines.openvino._ir_cache`):
 
