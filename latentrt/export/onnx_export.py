@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import time
@@ -16,7 +17,7 @@ import torch
 from ..components import ComponentSpec
 from ..manifest import ComponentEntry, sha256_file
 from ..spec import concrete_shape, dynamic_axes, make_dummy
-from .precision import FP32_INPUTS, harmonize_float_types
+from .precision import FP32_INPUTS, eager_attention, harmonize_float_types
 
 OPSET = 17
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which they go to model.onnx_data (protobuf caps at 2 GB)
@@ -147,7 +148,8 @@ def export_component(
         traced = Path(scratch) / "model.onnx"
         args = dummy_inputs(spec, export_sizes, rng, options.value_ranges)
         try:
-            with warnings.catch_warnings(), torch.inference_mode():
+            attention = eager_attention(traced_module) if options.precision == "fp16" else contextlib.nullcontext()
+            with warnings.catch_warnings(), torch.inference_mode(), attention:
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     traced_module,

@@ -16,15 +16,23 @@ Why not NVIDIA ModelOpt AutoCast (the tool TensorRT 11's migration guide points 
 built on onnxconverter-common 1.16, the converter that produced unloadable graphs here (above). It
 is also not needed: AutoCast decides per node, from reference activations, which ops stay in fp32;
 tracing the half model gets the same result from the source of truth, since the graph keeps exactly
-the fp32 islands the model's authors put in its fp16 code path (timestep/guidance embeddings,
-transformers' fp32 CLIP residual + LayerNorm, kept by :func:`harmonize_float_types`), i.e. the
-numerics diffusers' own fp16 pipelines run in production. Components that overflow in fp16 (the
+the fp32 islands the model's authors put in its fp16 code path (timestep/guidance embeddings, the
+attention softmax of transformers' text encoders), i.e. the numerics diffusers' own fp16 pipelines
+run in production.
+
+Text encoders are traced with transformers' eager attention (:func:`eager_attention`): with its
+default SDPA attention and a causal mask, torch's TorchScript exporter builds the mask in fp32 whatever
+the query's dtype, so type promotion cast the attention scores, then the residual stream and every
+later layer to fp32 (CLIP ViT-bigG: 626M of its 694M parameters ended up fp32 in the "fp16" graph).
+Eager attention adds an fp16 mask and runs softmax in fp32, as transformers' own fp16 eager path does. Components that overflow in fp16 (the
 SDXL VAE) are kept in fp32 as a whole by the profile (``[precision] vae_decoder = "fp32"``). The
 check is numerical: the fp16 LCM bundle's image is within 2e-2 of the fp32 bundle's on ONNX Runtime
 CPU, with no NaN/inf (tests/engines/test_mixed_precision.py).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 PRECISIONS = ("fp32", "fp16")
 FP32_INPUTS = ("timestep", "time_ids")  # time_ids: SDXL sizes such as 4097 are not exact in fp16
@@ -40,12 +48,29 @@ def parse_component_precisions(precision: str, overrides: dict[str, str] | None 
     return dict(overrides or {})
 
 
+@contextmanager
+def eager_attention(module):
+    """Trace transformers models inside ``module`` with eager attention (restored afterwards): see the
+    module docstring for why fp16 text encoders need it. diffusers' own modules are unaffected."""
+    switched = []
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        impl = getattr(config, "_attn_implementation", None)
+        if impl is not None and impl != "eager" and all(config is not c for c, _ in switched):
+            switched.append((config, impl))
+            config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        for config, impl in switched:
+            config._attn_implementation = impl
+
+
 def harmonize_float_types(model, max_passes: int = 8, base_dir: str | None = None):
     """Make every node's float inputs share one type, as torch's type promotion does.
 
-    torch runs some ops with mixed float inputs (transformers 5 keeps the CLIP residual stream in
-    fp32 under a half model, so LayerNorm sees fp32 activations with fp16 weights); ONNX requires
-    one type. Each such input in fp16 is cast up to fp32 (initializers are converted in place when
+    torch runs some ops with mixed float inputs (e.g. LayerNorm with fp32 activations and fp16
+    weights, which the exporter passes through as they are); ONNX requires one type. Each such input in fp16 is cast up to fp32 (initializers are converted in place when
     nothing else uses them), which keeps those norms in fp32. Repeats until type inference finds
     no mixed node. ``model`` may be loaded without its external weights (``base_dir`` is where they
     are; the few initializers converted here are read from there).

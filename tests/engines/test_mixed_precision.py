@@ -29,6 +29,24 @@ def test_fp16_bundle_image_matches_fp32(lcm_bundle, lcm_bundle_fp16, size):
     assert err <= FP16_IMAGE_TOL, f"fp16 vs fp32 image max abs diff {err:.3g} > {FP16_IMAGE_TOL}"
 
 
+def test_fp16_text_encoder_stays_fp16(lcm_bundle_fp16):
+    """Traced with eager attention, the fp16 text encoder keeps every weight in fp16 (with SDPA the
+    exporter's fp32 causal mask promoted the attention, the residual stream and all later weights to
+    fp32), and its only fp32 compute is the softmax the model itself runs in fp32."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(lcm_bundle_fp16 / "text_encoder" / "model.onnx"))
+    float_inits = {i.name: i.data_type for i in model.graph.initializer
+                   if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and len(i.dims) >= 1}
+    assert float_inits and set(float_inits.values()) == {TensorProto.FLOAT16}, \
+        sorted(n for n, t in float_inits.items() if t == TensorProto.FLOAT)
+    to_fp32 = [n for n in model.graph.node if n.op_type == "Cast"
+               and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)]
+    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert softmaxes and len(to_fp32) <= len(softmaxes) + 1, [n.name for n in to_fp32]
+
+
 def test_manifest_records_io_dtypes(lcm_bundle_fp16):
     m = read_manifest(lcm_bundle_fp16)
     unet = m.components["unet"]
