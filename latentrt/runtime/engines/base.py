@@ -28,6 +28,9 @@ class Engine:
     outputs_are_reused: bool = False
     #: size limits {symbol: (min, max)} this engine accepts, when it has any (TensorRT profiles).
     limits: dict[str, tuple[int, int]] = {}
+    #: True when :meth:`call_on_device` returns device tensors (torch), so the denoising loop can keep
+    #: its latents on the device between steps (see :mod:`latentrt.runtime.pipelines.device_loop`).
+    device_loop: bool = False
 
     def __init__(self, name: str, inputs, outputs):
         self.name = name
@@ -36,11 +39,25 @@ class Engine:
         self._dtypes = {s.name: np.dtype(s.dtype) for s in self.inputs}
 
     def __call__(self, **inputs: Any) -> dict[str, Any]:
+        return self.run(self._checked(inputs))
+
+    def call_on_device(self, **inputs: Any) -> dict[str, Any]:
+        """Like calling the engine, but outputs stay device tensors where :attr:`device_loop` is True
+        (their lifetime is :attr:`outputs_are_reused`'s); other engines return what ``__call__`` does."""
+        return self.run_on_device(self._checked(inputs))
+
+    def run_on_device(self, arrays: dict[str, Any]) -> dict[str, Any]:
+        return self.run(arrays)
+
+    def synchronize(self) -> None:
+        """Wait for the device work queued by this engine (device backends override it)."""
+
+    def _checked(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         arrays = {k: self.cast(k, v) for k, v in inputs.items() if k in self._dtypes}
         arrays.update({k: v for k, v in inputs.items() if k not in self._dtypes})
         sizes = bind_sizes(self.inputs, arrays, component=self.name)
         self.check_limits(sizes)
-        return self.run(arrays)
+        return arrays
 
     def cast(self, name: str, value: Any):
         """Cast float inputs to the engine's dtype; backends with device tensors override this."""

@@ -19,7 +19,9 @@
 
 Output lifetime (``outputs_are_reused = True``): with ``return_torch=True`` the returned tensors are
 the engine's output buffers for that shape and are overwritten by the next call at the same shape;
-copy what you keep. The default numpy outputs are fresh host copies.
+copy what you keep. The default numpy outputs are fresh host copies. The denoising loop calls the
+UNet through ``call_on_device`` (``device_loop``), which returns those buffers, so latents stay on
+the GPU between steps (the loop copies a buffer that a scheduler keeps across steps).
 
 torch and tensorrt are imported lazily (the CPU runtime never imports them).
 """
@@ -51,6 +53,7 @@ def _torch_dtype(trt, torch, trt_dtype):
 
 class TensorRTEngine(Engine):
     outputs_are_reused = True
+    device_loop = True
 
     def __init__(self, name, path, inputs, outputs, *, device="cuda", bundle=None, manifest_entry=None,
                  profile: str | None = None, cuda_graphs: bool = True, return_torch: bool = False,
@@ -138,6 +141,13 @@ class TensorRTEngine(Engine):
             raise RuntimeError(f"{self.name}: TensorRT execute_async_v3 failed (see the TensorRT log)")
 
     def run(self, arrays):
+        return self._run(arrays, self.return_torch)
+
+    def run_on_device(self, arrays):
+        """Outputs as this shape's device buffers (the denoising loop's ``device_loop``)."""
+        return self._run(arrays, True)
+
+    def _run(self, arrays, torch_outputs: bool):
         torch = self.torch
         shapes = {n: tuple(int(x) for x in arrays[n].shape) for n in self.input_names}
         key = tuple(shapes[n] for n in self.input_names)
@@ -157,7 +167,7 @@ class TensorRTEngine(Engine):
             else:
                 self._enqueue(state.ctx)
         self.stream.synchronize()
-        if self.return_torch:
+        if torch_outputs:
             return {n: bufs[n] for n in self.output_names}
         specs = {s.name: s for s in self.outputs}
         return {n: bufs[n].to("cpu").numpy().astype(specs[n].dtype if n in specs else "float32", copy=False)

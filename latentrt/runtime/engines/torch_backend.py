@@ -20,7 +20,10 @@ On CUDA (``device="cuda"``):
 - optional ``torch.compile`` (``compile=True``), captured in the same CUDA graphs after warm-up.
 
 Inputs are numpy arrays (or torch tensors); outputs are numpy arrays by default, or torch tensors
-on the device with ``return_torch=True``. Lifetime: with CUDA graphs and ``return_torch=True`` the
+on the device with ``return_torch=True``. The denoising loop calls the UNet through
+``call_on_device`` (``device_loop``, on by default on CUDA), which returns device tensors, so the
+latents stay on the GPU between steps and only the per-step noise (drawn on the host, as the
+randomness contract requires) is copied to the device. Lifetime: with CUDA graphs and ``return_torch=True`` the
 returned tensors are the graph's static outputs, overwritten by the next call at the same shape
 (``outputs_are_reused`` is True then); numpy outputs are always fresh copies.
 """
@@ -115,7 +118,7 @@ class TorchEngine(Engine):
     def __init__(self, name, path, inputs, outputs, *, device="cpu", bundle=None, manifest_entry=None,
                  dtype: str | None = None, cuda_graphs: bool = True, compile: bool = False,
                  channels_last: bool = True, return_torch: bool = False, source: str | None = None,
-                 threads: int | None = None, module=None, **_ignored):
+                 threads: int | None = None, module=None, device_loop: bool | None = None, **_ignored):
         super().__init__(name, inputs, outputs)
         import torch
 
@@ -154,6 +157,11 @@ class TorchEngine(Engine):
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.return_torch = return_torch
         self.outputs_are_reused = self.use_graphs and return_torch
+        # the denoising loop keeps latents on the GPU (call_on_device); device_loop=True forces it on
+        # the CPU too (the same code path with CPU tensors, as the tests run it)
+        self.device_loop = self.device.type == "cuda" if device_loop is None else bool(device_loop)
+        if self.device_loop and self.use_graphs:
+            self.outputs_are_reused = True  # call_on_device returns the graph's static outputs
         self._graphs: dict[tuple, _CudaGraph | None] = {}  # None: this shape cannot be captured
 
     def cast(self, name: str, value: Any):
@@ -176,6 +184,16 @@ class TorchEngine(Engine):
         return (out,) if isinstance(out, self.torch.Tensor) else tuple(out)
 
     def run(self, arrays):
+        return self._run(arrays, self.return_torch)
+
+    def run_on_device(self, arrays):
+        return self._run(arrays, True)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def _run(self, arrays, torch_outputs: bool):
         torch = self.torch
         args = [self._to_torch(s, arrays[s.name]) for s in self.inputs]
         with torch.inference_mode():
@@ -192,7 +210,7 @@ class TorchEngine(Engine):
                 outs = graph(args) if graph is not None else self._forward(*args)
             else:
                 outs = self._forward(*args)
-        if self.return_torch:
+        if torch_outputs:
             return {s.name: o for s, o in zip(self.outputs, outs)}
         return {s.name: o.detach().to("cpu", torch.float32 if s.dtype == "float32" else torch.float16).numpy()
                 for s, o in zip(self.outputs, outs)}

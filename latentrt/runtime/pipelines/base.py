@@ -61,6 +61,15 @@ class BasePipeline:
         with self.timer(component):
             return self.engines[component](**inputs)
 
+    def run_on_device(self, component: str, **inputs) -> dict[str, Any]:
+        """Call a component keeping its outputs on the device (engines with ``device_loop``); the
+        stage is timed after the device finished it."""
+        engine = self.engines[component]
+        with self.timer(component):
+            out = engine.call_on_device(**inputs)
+            engine.synchronize()
+        return out
+
     def get_scheduler(self, scheduler: str | Scheduler | None) -> Scheduler:
         """The bundle's scheduler, or another diffusers class name built from the bundle's config."""
         if scheduler is None:

@@ -23,7 +23,8 @@ import numpy as np
 
 from ..random import NoiseSource, randn
 from ..schedulers import Plan, Scheduler
-from ..schedulers.base import img2img_start
+from ..schedulers.base import as_float32, img2img_start
+from .device_loop import concat2, like, to_host, use_device_loop
 
 logger = logging.getLogger("latentrt")
 
@@ -106,9 +107,12 @@ def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidan
 
 
 def apply_guidance(pred: np.ndarray, guidance_scale: float, guidance_rescale: float = 0.0) -> np.ndarray:
-    """[uncond; text] UNet output of a doubled batch -> the guided prediction (float32)."""
-    uncond, text = np.split(np.asarray(pred, dtype=np.float32), 2, axis=0)
-    out = uncond + np.float32(guidance_scale) * (text - uncond)
+    """[uncond; text] UNet output of a doubled batch -> the guided prediction (float32); numpy arrays
+    or device tensors (the device loop)."""
+    pred = np.asarray(pred, dtype=np.float32) if isinstance(pred, np.ndarray) else as_float32(pred)
+    half = pred.shape[0] // 2
+    uncond, text = pred[:half], pred[half:]
+    out = uncond + float(guidance_scale) * (text - uncond)  # a weak scalar: float32 arithmetic
     if guidance_rescale > 0.0:
         out = rescale_noise_cfg(out, text, guidance_rescale)
     return out
@@ -169,13 +173,21 @@ def denoise(
     extra = dict(unet_inputs or {})
     state = sched.init_state(plan)
     denoised = latents
+    on_device = use_device_loop(pipe.engines[unet], sched, guidance_rescale)  # see device_loop.py
+    run = pipe.run_on_device if on_device else pipe.run
+    reused = getattr(pipe.engines[unet], "outputs_are_reused", False)
     for i, t in enumerate(plan.timesteps):
-        model_in = np.concatenate([latents, latents], axis=0) if cfg else latents
+        model_in = concat2(latents) if cfg else latents
         model_in = sched.scale_model_input(plan, i, model_in)
-        pred = pipe.run(unet, sample=model_in, timestep=np.full(model_in.shape[0], t, dtype=np.float32),
-                        encoder_hidden_states=encoder_hidden_states, **extra)["out_sample"]
-        pred = apply_guidance(pred, guidance_scale, guidance_rescale) if cfg else np.asarray(pred, np.float32)
+        raw = run(unet, sample=model_in, timestep=np.full(model_in.shape[0], t, dtype=np.float32),
+                  encoder_hidden_states=encoder_hidden_states, **extra)["out_sample"]
+        pred = apply_guidance(raw, guidance_scale, guidance_rescale) if cfg else (
+            as_float32(raw) if on_device else np.asarray(raw, np.float32))
+        if pred is raw and on_device and reused:  # the engine's output buffer: schedulers may keep it (PNDM)
+            pred = pred.clone()
+        latents = like(pred, latents) if on_device else latents  # onto the device once (a no-op after)
         noise = randn(rng, pred.shape) if sched.noise_needed(plan, i, eta=eta) else None
+        noise = like(pred, noise) if on_device and noise is not None else noise
         latents, denoised, state = sched.step(plan, i, pred, latents, state, noise=noise, eta=eta)
         tensors = {"latents": latents, "prompt_embeds": encoder_hidden_states}
         if return_denoised:
@@ -183,4 +195,6 @@ def denoise(
         tensors = pipe.call_callbacks(pipe, i, t, tensors, callback_on_step_end, callback)
         latents, encoder_hidden_states = tensors["latents"], tensors["prompt_embeds"]
         denoised = tensors.get("denoised", denoised)
+    if on_device:  # back to the host once, after the loop
+        latents, denoised = to_host(latents), to_host(denoised)
     return (latents, denoised) if return_denoised else latents

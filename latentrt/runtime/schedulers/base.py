@@ -266,6 +266,10 @@ class Scheduler:
     step_kwargs: ClassVar[tuple[str, ...]] = ()  # keyword arguments step() accepts
     prediction_types: ClassVar[tuple[str, ...]] = PREDICTION_TYPES
     unsupported: ClassVar[Mapping[str, Any]] = {}  # config key -> the only value implemented
+    #: step/scale_model_input run on torch tensors as on numpy arrays, so the denoising loop may keep
+    #: latents on the device; true of every scheduler here (bit-exact against numpy in
+    #: tests/runtime/test_device_loop.py); a subclass whose step needs numpy sets it False
+    device_loop: ClassVar[bool] = True
 
     # -- construction -------------------------------------------------------------------------
 
