@@ -54,6 +54,20 @@ def test_torch_cuda_graphs_equal_eager(lcm_bundle_fp16):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_torch_cuda_device_loop_equals_host_loop(lcm_bundle_fp16, cuda_graphs):
+    """On CUDA the loop keeps latents on the GPU by default (device_loop); the host loop gives the same
+    image up to float32 rounding (the GPU may fuse multiply-adds)."""
+    device = latentrt.load(lcm_bundle_fp16, backend="torch", device="cuda", cuda_graphs=cuda_graphs)
+    host = latentrt.load(lcm_bundle_fp16, backend="torch", device="cuda", cuda_graphs=cuda_graphs, device_loop=False)
+    assert device.engines["unet"].device_loop and not host.engines["unet"].device_loop
+    seen = []
+    got = _image(device, callback_on_step_end=lambda p, i, t, d: seen.append(d["latents"].is_cuda) or d)
+    assert seen == [True] * 4
+    assert float(np.abs(got - _image(host)).max()) <= 1e-4
+
+
+@pytest.mark.gpu
 def test_onnxruntime_cuda_io_binding(lcm_bundle_fp16, reference):
     import onnxruntime as ort
     import torch

@@ -140,3 +140,20 @@ def test_reused_output_buffers_are_not_kept_by_schedulers(sd_bundle):
     got, seen = _run(device, **kw)
     assert len(seen) >= 4 and set(seen) == {"torch"}  # PNDM: one more UNet call than steps
     assert float(np.abs(got - ref).max()) <= 1e-6
+
+
+@pytest.mark.parametrize("fixture", ["lcm_bundle", "lcm_bundle_fp16"])
+def test_onnxruntime_io_binding_device_loop_equals_host_loop(request, fixture):
+    """ONNX Runtime keeps latents on the device through I/O binding; on the CPU provider the same code
+    binds CPU tensors. In the fp16 bundle the loop's float32 latents are converted to the graph's fp16."""
+    bundle = request.getfixturevalue(fixture)
+    ref, _ = _run(latentrt.load(bundle, io_binding=True))
+    pipe = latentrt.load(bundle, io_binding=True, device_loop=True)
+    got, seen = _run(pipe)
+    assert seen == ["torch"] * 4
+    assert float(np.abs(got - ref).max()) <= 1e-6
+
+
+def test_onnxruntime_device_loop_needs_io_binding(lcm_bundle):
+    with pytest.raises(ValueError, match="io_binding=True"):
+        latentrt.load(lcm_bundle, device_loop=True)

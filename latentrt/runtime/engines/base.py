@@ -31,6 +31,8 @@ class Engine:
     #: True when :meth:`call_on_device` returns device tensors (torch), so the denoising loop can keep
     #: its latents on the device between steps (see :mod:`latentrt.runtime.pipelines.device_loop`).
     device_loop: bool = False
+    #: True when the engine takes torch tensors as inputs (device backends; ONNX Runtime with I/O binding)
+    accepts_tensors: bool = False
 
     def __init__(self, name: str, inputs, outputs):
         self.name = name
@@ -60,8 +62,14 @@ class Engine:
         return arrays
 
     def cast(self, name: str, value: Any):
-        """Cast float inputs to the engine's dtype; backends with device tensors override this."""
+        """Cast float inputs to the engine's dtype. Engines that take device tensors
+        (:attr:`accepts_tensors`) get torch tensors cast on their device, never copied to the host."""
         want = self._dtypes[name]
+        if self.accepts_tensors and type(value).__module__.startswith("torch"):
+            import torch
+
+            target = getattr(torch, want.name)
+            return value.to(target) if value.dtype != target and value.is_floating_point() == (want.kind == "f") else value
         value = np.asarray(value)
         if value.dtype != want and value.dtype.kind == want.kind:
             value = value.astype(want)

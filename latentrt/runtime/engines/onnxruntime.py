@@ -79,12 +79,18 @@ def _provider_list(device: str, cache_dir: Path | None):
 class OrtEngine(Engine):
     def __init__(self, name, path, inputs, outputs, *, device="cpu", threads=None, cache_dir=None, model_sha="",
                  manifest_entry=None, bundle=None, optimized_cache: bool = True, io_binding: bool | None = None,
-                 return_torch: bool = False, device_id: int = 0):
+                 return_torch: bool = False, device_id: int = 0, device_loop: bool | None = None):
         super().__init__(name, inputs, outputs)
         # I/O binding (see _run_bound): on by default for the GPU providers; io_binding=True forces it on CPU
         self.io_binding = device != "cpu" if io_binding is None else bool(io_binding)
         self._bind_device = "cpu" if device == "cpu" else "cuda"
         self.return_torch, self.device_id = return_torch, device_id
+        # the denoising loop keeps latents on the GPU through I/O binding (call_on_device); on the
+        # CPU provider device_loop=True (with io_binding=True) runs the same path with CPU tensors
+        self.accepts_tensors = self.io_binding  # torch tensors are bound in place by _run_bound
+        self.device_loop = (self.io_binding and device != "cpu") if device_loop is None else bool(device_loop)
+        if self.device_loop and not self.io_binding:
+            raise ValueError("device_loop needs I/O binding: pass io_binding=True (it is on by default on GPUs)")
         import onnxruntime as ort
 
         self.device = device
@@ -130,17 +136,16 @@ class OrtEngine(Engine):
 
     def run(self, arrays):
         if self.io_binding:
-            return self._run_bound(arrays)
+            return self._run_bound(arrays, self.return_torch)
         values = self.session.run(self._output_names, arrays)
         return dict(zip(self._output_names, values))
 
     # -- GPU execution providers (CUDA / TensorRT EP): I/O binding --------------------------------------
-    def cast(self, name, value):
-        if type(value).__module__.startswith("torch"):  # a device tensor: bound in place by _run_bound
-            return value
-        return super().cast(name, value)
+    def run_on_device(self, arrays):
+        """Outputs as fresh device tensors (the denoising loop's ``device_loop``)."""
+        return self._run_bound(arrays, True)
 
-    def _run_bound(self, arrays):
+    def _run_bound(self, arrays, torch_outputs: bool):
         """Run with ONNX Runtime I/O binding. numpy inputs are copied to the GPU once per call; torch
         CUDA tensors (for example the previous step's output with ``return_torch=True``) are bound by
         pointer, so latents stay on the device between denoising steps. Outputs are written into
@@ -156,7 +161,9 @@ class OrtEngine(Engine):
             if isinstance(v, np.ndarray):
                 io.bind_cpu_input(s.name, v)
             else:
-                v = v.contiguous()
+                import torch
+
+                v = v.to(getattr(torch, s.dtype)).contiguous()  # e.g. the loop's float32 latents into an fp16 graph
                 keep.append(v)
                 io.bind_input(s.name, self._bind_device, self.device_id, np.dtype(s.dtype).type, list(v.shape),
                               v.data_ptr())
@@ -164,7 +171,7 @@ class OrtEngine(Engine):
             import torch
 
             torch.cuda.current_stream().synchronize()  # ORT reads them on its own stream
-        if self.return_torch:
+        if torch_outputs:
             import torch
 
             sizes = bind_sizes(self.inputs, arrays, component=self.name)  # output shapes to allocate

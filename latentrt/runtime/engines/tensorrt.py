@@ -54,6 +54,7 @@ def _torch_dtype(trt, torch, trt_dtype):
 class TensorRTEngine(Engine):
     outputs_are_reused = True
     device_loop = True
+    accepts_tensors = True
 
     def __init__(self, name, path, inputs, outputs, *, device="cuda", bundle=None, manifest_entry=None,
                  profile: str | None = None, cuda_graphs: bool = True, return_torch: bool = False,
@@ -102,11 +103,6 @@ class TensorRTEngine(Engine):
         self.max_graphs = int(max_graphs)
         self.return_torch = return_torch
         self._shapes: dict[tuple, _ShapeState] = {}
-
-    def cast(self, name: str, value: Any):
-        if isinstance(value, self.torch.Tensor):
-            return value
-        return super().cast(name, value)
 
     def _bind(self, ctx, shapes: dict[str, tuple], bufs: dict[str, Any] | None) -> dict[str, Any]:
         """Set the input shapes on ``ctx``, allocate this shape's buffers once, bind their addresses."""

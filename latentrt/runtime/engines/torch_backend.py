@@ -115,6 +115,7 @@ class _CudaGraph:
 
 
 class TorchEngine(Engine):
+    accepts_tensors = True
     def __init__(self, name, path, inputs, outputs, *, device="cpu", bundle=None, manifest_entry=None,
                  dtype: str | None = None, cuda_graphs: bool = True, compile: bool = False,
                  channels_last: bool = True, return_torch: bool = False, source: str | None = None,
@@ -163,11 +164,6 @@ class TorchEngine(Engine):
         if self.device_loop and self.use_graphs:
             self.outputs_are_reused = True  # call_on_device returns the graph's static outputs
         self._graphs: dict[tuple, _CudaGraph | None] = {}  # None: this shape cannot be captured
-
-    def cast(self, name: str, value: Any):
-        if isinstance(value, self.torch.Tensor):  # device tensors pass through (dtype fixed in run)
-            return value
-        return super().cast(name, value)
 
     def _to_torch(self, spec, value):
         torch = self.torch
