@@ -48,11 +48,11 @@ def load_dtypes(precision: str, overrides: dict[str, str]):
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16}
     out = {"default": dtypes[precision]}
-    for name, prec in overrides.items():
-        attr = COMPONENT_ATTRIBUTES.get(name, name)
-        # a module shared by components of two precisions (vae_encoder fp16, vae_decoder fp32) loads in fp32
-        if out.get(attr) != torch.float32:
-            out[attr] = dtypes[prec]
+    for attr in {COMPONENT_ATTRIBUTES.get(name, name) for name in overrides}:
+        # every component exported from this module; one of them in fp32 (say the VAE decoder while
+        # the encoder is fp16, or the other way round) loads the module in fp32
+        users = [c for c, a in COMPONENT_ATTRIBUTES.items() if a == attr] or [attr]
+        out[attr] = dtypes["fp32" if "fp32" in {overrides.get(c, precision) for c in users} else "fp16"]
     return out
 
 

@@ -41,6 +41,9 @@ def test_load_dtypes_follow_the_export_precision():
     # a VAE whose decoder stays fp32 loads in fp32 even when its encoder is exported in fp16
     assert load_dtypes("fp16", {"vae_decoder": "fp32", "vae_encoder": "fp16"})["vae"] == torch.float32
     assert load_dtypes("fp16", {"vae_encoder": "fp16", "vae_decoder": "fp32"})["vae"] == torch.float32
+    # an fp32 bundle with an fp16 encoder: the decoder still exports from fp32 weights
+    assert load_dtypes("fp32", {"vae_encoder": "fp16"})["vae"] == torch.float32
+    assert load_dtypes("fp32", {"vae_encoder": "fp16", "vae_decoder": "fp16"})["vae"] == torch.float16
 
 
 def test_low_memory_fp16_bundle_equals_the_usual_fp16_bundle(sdxl_folder, tmp_path):
