@@ -125,9 +125,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     def plan(self, num_inference_steps=None, *, timesteps=None, strength=1.0, original_inference_steps=None) -> Plan:
         check_steps_args(num_inference_steps, timesteps, strength)
         if timesteps is not None:
-            for flag in ("use_karras_sigmas", "use_exponential_sigmas"):
-                if getattr(self, flag):
-                    raise ValueError(f"{self.name}: custom timesteps cannot be combined with {flag}=True")
+            self._check_custom_timesteps()
             ts = np.array(timesteps).astype(np.int64)
             n = len(ts)
         else:

@@ -41,6 +41,12 @@ class SigmaScheduler(Scheduler):
             ac[-1] = 2.0**-24  # as the sigma schedulers of diffusers do
         return np.sqrt((f32(1) - ac) / ac)
 
+    def _check_custom_timesteps(self) -> None:
+        """Custom timesteps fix the sigmas, so Karras / exponential spacing cannot also apply."""
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas"):
+            if getattr(self, flag, False):
+                raise ValueError(f"{self.name}: custom timesteps cannot be combined with {flag}=True")
+
     def _cut(self, n: int, full: np.ndarray, sigmas: np.ndarray, strength: float, init_noise_sigma: float) -> Plan:
         start = img2img_start(n, strength) * self.order
         return Plan(full[start:], n, init_noise_sigma, begin_index=start, schedule_timesteps=full, sigmas=sigmas)
@@ -114,9 +120,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
     def plan(self, num_inference_steps=None, *, timesteps=None, strength=1.0, original_inference_steps=None) -> Plan:
         check_steps_args(num_inference_steps, timesteps, strength)
         if timesteps is not None:
-            for flag in ("use_karras_sigmas", "use_exponential_sigmas"):
-                if getattr(self, flag):
-                    raise ValueError(f"{self.name}: custom timesteps cannot be combined with {flag}=True")
+            self._check_custom_timesteps()
             if self._continuous_v:
                 raise ValueError(f"{self.name}: custom timesteps cannot be used with continuous v-prediction timesteps")
             ts = np.array(timesteps).astype(f32)
