@@ -169,13 +169,19 @@ class BasePipeline:
         scheduler's ``init_noise_sigma``."""
         f = self.vae_scale_factor
         shape = (batch, int(self.constants["unet_in_channels"]), height // f, width // f)
-        if latents is None:
-            latents = randn(rng, shape)
+        return self.start_noise(plan, shape, rng, latents)
+
+    @staticmethod
+    def start_noise(plan, shape: tuple, rng: NoiseSource, given=None, name: str = "latents") -> np.ndarray:
+        """The start of a denoising loop: ``given`` (checked against ``shape``) or noise drawn from
+        ``rng``, times the scheduler's ``init_noise_sigma``."""
+        if given is None:
+            x = randn(rng, shape)
         else:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != shape:
-                raise ValueError(f"latents have shape {latents.shape}; expected {shape} for this call")
-        return latents * np.float32(plan.init_noise_sigma)
+            x = np.asarray(given, dtype=np.float32)
+            if x.shape != shape:
+                raise ValueError(f"{name} have shape {x.shape}; expected {shape} for this call")
+        return x * np.float32(plan.init_noise_sigma)
 
     def noised_image_latents(self, sched, plan, image: Any, batch: int, rng: NoiseSource) -> np.ndarray:
         """Image-to-image start: encode the image (checking its size suits the UNet) and noise it to

@@ -166,13 +166,7 @@ class UnCLIPPipeline(_UnCLIPBase):
         sched = self.prior_scheduler
         plan = sched.plan(steps)
         shape = (len(prompts) * n, int(self.constants["prior_embedding_dim"]))
-        if prior_latents is None:
-            lat = randn(rng, shape)
-        else:
-            lat = np.asarray(prior_latents, dtype=np.float32)
-            if lat.shape != shape:
-                raise ValueError(f"prior_latents have shape {lat.shape}; expected {shape} for this call")
-        lat = lat * np.float32(plan.init_noise_sigma)
+        lat = self.start_noise(plan, shape, rng, prior_latents, "prior_latents")
         state = sched.init_state(plan)
         for i, t in enumerate(plan.timesteps):
             x = np.concatenate([lat, lat]) if cfg else lat
