@@ -69,15 +69,25 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "latentrt" / "bench"
 
 
-def _save_module(module, folder: Path) -> None:
-    module.save_pretrained(str(folder), safe_serialization=True)
+def save_components(out: Path, steps, progress: Callable[[str], None] = print) -> None:
+    """Build and save each ``(subfolder, make)`` in turn with a fixed seed per component, freeing it
+    before the next (a full-size SDXL UNet alone is ~10 GB in fp32)."""
+    import torch
+
+    for i, (name, make) in enumerate(steps):
+        progress(f"building {name} (random weights, seed {SEED + i})")
+        torch.manual_seed(SEED + i)
+        m = make().eval()
+        # small shards: safetensors serialises a shard in memory, so a 10 GB shard would double the peak
+        m.save_pretrained(str(out / name), safe_serialization=True, max_shard_size="2GB")
+        del m
+        gc.collect()
 
 
 def save_sd15_lcm(out: Path, progress: Callable[[str], None] = print) -> None:
     """Write the random-weight SD1.5 LCM pipeline (and TAESD under ``taesd/``) one component at a time."""
     import json
 
-    import torch
     from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -90,13 +100,7 @@ def save_sd15_lcm(out: Path, progress: Callable[[str], None] = print) -> None:
         ("vae", lambda: AutoencoderKL(**SD_VAE)),
         ("taesd", lambda: AutoencoderTiny(**TAESD)),
     ]
-    for i, (name, make) in enumerate(steps):
-        progress(f"building {name} (random weights, seed {SEED + i})")
-        torch.manual_seed(SEED + i)
-        m = make().eval()
-        _save_module(m, out / name)
-        del m
-        gc.collect()
+    save_components(out, steps, progress)
     tiny_tokenizer(out / "tokenizer")
     LCMScheduler(**LCM_SCHEDULER).save_config(str(out / "scheduler"))
     index = {
