@@ -5,7 +5,29 @@ Each wrapper's ``forward`` takes the spec's inputs in order and returns its outp
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+@contextlib.contextmanager
+def explicit_upsample_sizes(unet):
+    """Trace the branch of ``UNet2DConditionModel.forward`` that takes every up-block's output size
+    from its skip tensor (``upsample_size = down_block_res_samples[-1].shape[2:]``).
+
+    diffusers takes that branch only when a latent side is not a multiple of the UNet's overall
+    upsampling factor (``2 ** num_upsamplers``); a graph traced at a divisible size would bake in the
+    plain ``scale_factor=2`` upsampling and refuse every other size. With ``num_upsamplers`` set so
+    high that no size is divisible, the traced Resize ops read their sizes from the skip tensors'
+    shapes, so one dynamic graph serves every latent size diffusers accepts (for divisible sizes the
+    result is the same nearest-neighbour x2).
+    """
+    saved = unet.num_upsamplers
+    unet.num_upsamplers = 40  # 2**40: no latent side is a multiple (and it fits the traced int64)
+    try:
+        yield unet
+    finally:
+        unet.num_upsamplers = saved
 
 
 class TextEncoderWrapper(torch.nn.Module):
@@ -34,7 +56,8 @@ class UNetWrapper(torch.nn.Module):
     def forward(self, *args):
         kw = dict(zip(self.input_names, args))
         extra = {k: kw[k] for k in ("timestep_cond", "class_labels") if k in kw}
-        return self.unet(kw["sample"], kw["timestep"], kw["encoder_hidden_states"], return_dict=False, **extra)[0]
+        with explicit_upsample_sizes(self.unet):
+            return self.unet(kw["sample"], kw["timestep"], kw["encoder_hidden_states"], return_dict=False, **extra)[0]
 
 
 class VaeEncoderWrapper(torch.nn.Module):
@@ -115,8 +138,9 @@ class SDXLUNetWrapper(torch.nn.Module):
     def forward(self, *args):
         kw = dict(zip(self.input_names, args))
         added = {"text_embeds": kw["text_embeds"], "time_ids": kw["time_ids"]}
-        return self.unet(kw["sample"], kw["timestep"], kw["encoder_hidden_states"], timestep_cond=kw.get("timestep_cond"),
-                         added_cond_kwargs=added, return_dict=False)[0]
+        with explicit_upsample_sizes(self.unet):
+            return self.unet(kw["sample"], kw["timestep"], kw["encoder_hidden_states"],
+                             timestep_cond=kw.get("timestep_cond"), added_cond_kwargs=added, return_dict=False)[0]
 
 
 class _KResample(torch.nn.Module):
