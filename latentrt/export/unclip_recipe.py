@@ -108,12 +108,10 @@ def _stat(t) -> np.ndarray:
 
 
 def unclip_support_files(pipe, root: Path) -> dict:
-    root = Path(root)
-    pipe.image_noising_scheduler.save_config(str(root / "image_noising_scheduler"))
+    root = Path(root)  # the prior's and noising scheduler's configs: export.scheduler_files, like every scheduler's
     stats = {"normalizer_mean": _stat(pipe.image_normalizer.mean), "normalizer_std": _stat(pipe.image_normalizer.std)}
     if hasattr(pipe, "prior"):
         pipe.prior_tokenizer.save_pretrained(str(root / "prior_tokenizer"))
-        pipe.prior_scheduler.save_config(str(root / "prior_scheduler"))
         stats.update(prior_clip_mean=_stat(pipe.prior.clip_mean), prior_clip_std=_stat(pipe.prior.clip_std))
     else:
         pipe.feature_extractor.save_pretrained(str(root / "feature_extractor"))

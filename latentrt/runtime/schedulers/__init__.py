@@ -18,6 +18,7 @@ numpy only; arrays may be numpy, torch or cupy (coefficients are Python floats).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 from .base import Plan, Scheduler, StepOutput, UnknownSchedulerError
@@ -77,6 +78,28 @@ def get_scheduler(config: Mapping[str, Any], name: str | None = None) -> Schedul
     return cls.from_config(config, **overrides)
 
 
+def _defaults(cls: type[Scheduler]) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
+
+
+def undecidable_keys(config: Mapping[str, Any], name: str) -> dict[str, tuple[Any, Any]]:
+    """For a config re-serialised with every key of its class written out (``save_config``, as
+    bundles before published configs were kept): the keys whose value for scheduler ``name`` it
+    cannot tell. They are keys both classes take, with different defaults, that the config holds at
+    its own class's default: had the published file left them out, diffusers gives ``name``'s
+    default; had it set them, the value carries over. Returns ``{key: (source default, target
+    default)}``; empty when ``name`` is the config's own class or nothing is in doubt.
+    """
+    target, overrides = ALIASES.get(name, (name, {}))
+    source = SCHEDULERS.get(config.get("_class_name"))
+    cls = SCHEDULERS.get(target)
+    if source is None or cls is None or source is cls:
+        return {}
+    src, tgt = _defaults(source), _defaults(cls)
+    return {k: (src[k], tgt[k]) for k in sorted(src.keys() & tgt.keys() - overrides.keys())
+            if src[k] != tgt[k] and config.get(k, src[k]) == src[k]}
+
+
 __all__ = [
     "ALIASES",
     "DDIMScheduler",
@@ -95,4 +118,5 @@ __all__ = [
     "UnknownSchedulerError",
     "get_scheduler",
     "known_names",
+    "undecidable_keys",
 ]

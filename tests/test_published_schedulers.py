@@ -1,0 +1,227 @@
+"""Scheduler swaps on published checkpoints (issue 12, items 1 and 3).
+
+Each tiny model carries a published repo's own files (``latentrt/export/published``). diffusers loads
+the folder from disk with ``from_pretrained`` and swaps schedulers the way users do,
+``AutoPipelineFor*.from_pipe(pipe, scheduler=X.from_config(pipe.scheduler.config))``; latentrt exports
+the same folder once and runs ``scheduler="X"``. With every published scheduler file, every runtime
+scheduler (and its ``+karras`` alias) must give diffusers' image within 1e-4 (fp32 bundle), for
+text-to-image and image-to-image. Repos whose scheduler file is another repo's byte for byte (SSD-1B
+ships SDXL base's; the unCLIP-small repo the unCLIP one's) get a shorter run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import latentrt
+from latentrt.export.tiny_published import REPOS, published_files, save_tiny_published, source_info
+from latentrt.manifest import BundleError
+from latentrt.runtime.random import TorchGeneratorNoise
+from latentrt.runtime.schedulers import ALIASES, get_scheduler, known_names
+
+TOL = 1e-4
+PROMPT = "a photograph of an astronaut riding a horse"
+ALL = tuple(known_names())  # every runtime scheduler and its +karras alias
+
+# repo -> (schedulers to swap to, img2img?, call keyword arguments)
+SD_KW = dict(height=32, width=32, num_inference_steps=3, guidance_scale=5.0, negative_prompt="blurry")
+LCM_KW = dict(height=32, width=32, num_inference_steps=3, guidance_scale=6.0)
+CASES = {
+    "runwayml/stable-diffusion-v1-5": (ALL, True, SD_KW),
+    "stabilityai/stable-diffusion-2-1": (ALL, True, SD_KW),
+    # diffusers' LatentConsistencyModel pipelines run only LCMScheduler (set_timesteps gets strength and
+    # original_inference_steps)
+    "SimianLuo/LCM_Dreamshaper_v7": (("LCMScheduler",), True, LCM_KW),
+    "stabilityai/stable-diffusion-xl-base-1.0": (ALL, True, SD_KW),
+    "segmind/SSD-1B": (("EulerDiscreteScheduler", "DPMSolverMultistepScheduler+karras"), True, SD_KW),
+    # the model cards: the LCM UNet in the base repo's folder, LCMScheduler.from_config(pipe.scheduler.config)
+    "latent-consistency/lcm-sdxl": (("LCMScheduler", "EulerDiscreteScheduler"), True, LCM_KW),
+    "latent-consistency/lcm-ssd-1b": (("LCMScheduler",), True, LCM_KW),
+    # the latent upscaler's loop is written for the Euler family (sigmas, log-sigma timesteps)
+    "stabilityai/sd-x2-latent-upscaler": (("EulerDiscreteScheduler", "EulerDiscreteScheduler+karras",
+                                           "EulerAncestralDiscreteScheduler"), False,
+                                          dict(num_inference_steps=3, guidance_scale=5.0)),
+    "stabilityai/stable-diffusion-2-1-unclip": (ALL, False, dict(height=32, width=32, num_inference_steps=3,
+                                                                 guidance_scale=5.0, noise_level=50)),
+    "stabilityai/stable-diffusion-2-1-unclip-small": (("EulerDiscreteScheduler",), False,
+                                                      dict(height=32, width=32, num_inference_steps=3,
+                                                           guidance_scale=5.0, noise_level=50)),
+}
+
+
+def _diffusers_scheduler(name: str, config):
+    import diffusers
+
+    cls_name, extra = ALIASES.get(name, (name, {}))
+    return getattr(diffusers, cls_name).from_config(config, **extra)
+
+
+class Published:
+    """One repo: its tiny folder, the diffusers pipeline loaded from it, the exported bundle."""
+
+    def __init__(self, repo, root):
+        import diffusers
+
+        self.repo = repo
+        self.folder = save_tiny_published(root / "model", repo)
+        self.ref = diffusers.DiffusionPipeline.from_pretrained(str(self.folder), dtype=torch.float32,
+                                                               safety_checker=None)
+        self.ref.set_progress_bar_config(disable=True)
+        from latentrt.export.bundle import export_bundle
+
+        self.bundle = root / "bundle"
+        export_bundle(self.folder, self.bundle, check="off", trace_size=32, progress=lambda *_: None)
+        self.ours = latentrt.load(self.bundle)
+
+    def reference(self, name: str | None, img2img: bool):
+        """The user's pipeline: the loaded one, or ``from_pipe`` with a swapped scheduler."""
+        import diffusers
+
+        cls = diffusers.AutoPipelineForImage2Image if img2img else None
+        sched = None if name is None else _diffusers_scheduler(name, self.ref.scheduler.config)
+        if cls is None and sched is None:
+            return self.ref
+        kw = {} if sched is None else {"scheduler": sched}
+        pipe = cls.from_pipe(self.ref, **kw) if cls is not None else type(self.ref).from_pipe(self.ref, **kw)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+_CACHE: dict[str, Published] = {}
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    def get(repo):
+        if repo not in _CACHE:
+            _CACHE[repo] = Published(repo, tmp_path_factory.mktemp(repo.replace("/", "--")))
+        return _CACHE[repo]
+
+    yield get
+    _CACHE.clear()
+
+
+def _inputs(repo, img2img):
+    kw = dict(CASES[repo][2])
+    rng = np.random.default_rng(3)
+    if "upscaler" in repo:
+        kw["image"] = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(4))
+        kw["prompt"] = PROMPT
+    elif "unclip" in repo:
+        from PIL import Image
+
+        kw["image"] = Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8))
+        kw["prompt"] = PROMPT
+    else:
+        kw["prompt"] = PROMPT
+        if img2img:
+            from PIL import Image
+
+            kw["image"] = Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
+            kw["strength"] = 0.7
+            kw.pop("height"), kw.pop("width")
+    return kw
+
+
+def _images(p: Published, name, img2img, seed=5):
+    kw = _inputs(p.repo, img2img)
+    want = p.reference(name, img2img)(**kw, generator=torch.Generator().manual_seed(seed), output_type="np").images
+    ours_kw = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    got = p.ours(**ours_kw, scheduler=name, generator=TorchGeneratorNoise(seed), output_type="np").images
+    return got, want
+
+
+def _cases():
+    for repo, (names, img2img, _) in CASES.items():
+        for name in names:
+            yield pytest.param(repo, name, False, id=f"{repo}-{name}-txt2img")
+            if img2img:
+                yield pytest.param(repo, name, True, id=f"{repo}-{name}-img2img")
+
+
+def test_every_repo_has_a_case_and_a_source_note():
+    assert set(CASES) == set(REPOS)
+    for repo in REPOS:
+        info = source_info(repo)
+        assert info["repo"] == repo and info["obtained"]
+        files = published_files(repo)
+        assert "model_index.json" in files and "scheduler/scheduler_config.json" in files
+        own = info.get("files", {})
+        assert all(rel in files for rel in own), "SOURCE.json notes a file that is not stored"
+        assert info.get("base") or set(own) == set(files), "every stored file has its provenance line"
+
+
+def test_the_folder_carries_the_published_files(published):
+    p = published("runwayml/stable-diffusion-v1-5")
+    for rel, path in published_files(p.repo).items():
+        assert (p.folder / rel).read_bytes() == path.read_bytes(), rel
+    # the bundle keeps the scheduler file as published: no timestep_spacing, no prediction_type
+    assert (p.bundle / "scheduler" / "scheduler_config.json").read_bytes() == \
+        (p.folder / "scheduler" / "scheduler_config.json").read_bytes()
+    assert p.ours.bundle.manifest.extra["scheduler_configs"] == {"scheduler": "source file"}
+    assert p.ours.bundle.constants["vae_scaling_factor"] == 0.18215
+
+
+@pytest.mark.parametrize("repo,name,img2img", list(_cases()))
+def test_scheduler_swap_matches_diffusers(repo, name, img2img, published):
+    got, want = _images(published(repo), name, img2img)
+    assert got.shape == want.shape and np.isfinite(got).all()
+    err = float(np.abs(got - want).max())
+    assert err <= TOL, f"{repo} {name}: max abs image difference {err:.3g} > {TOL}"
+    assert float(want.std()) > 1e-2
+
+
+def _legacy_copy(p: Published, dest):
+    """The bundle as exports before this change wrote it: save_config's every-key config, no marker."""
+    shutil.copytree(p.bundle, dest)
+    p.ref.scheduler.save_config(str(dest / "scheduler"))
+    m = json.loads((dest / "latentrt.json").read_text())
+    del m["extra"]["scheduler_configs"]
+    (dest / "latentrt.json").write_text(json.dumps(m))
+    return dest
+
+
+def test_old_bundles_load_and_refuse_only_ambiguous_swaps(published, tmp_path):
+    p = published("runwayml/stable-diffusion-v1-5")
+    old = latentrt.load(_legacy_copy(p, tmp_path / "old"))
+    kw = _inputs(p.repo, False)
+    # the bundle's own scheduler is unaffected (its defaults were what save_config wrote out)
+    want = p.ref(**kw, generator=torch.Generator().manual_seed(5), output_type="np").images
+    got = old(**kw, generator=TorchGeneratorNoise(5), output_type="np").images
+    assert float(np.abs(got - want).max()) <= TOL
+    # a swap whose result depends on keys the file may have left out is refused, naming them
+    with pytest.raises(BundleError, match=r"timestep_spacing: 'leading' if .* 'linspace' if .*re-export"):
+        old(**kw, scheduler="EulerDiscreteScheduler", generator=0, output_type="np")
+    # a swap nothing depends on still runs (PNDM -> DDPM: no shared key with differing defaults)
+    old(**kw, scheduler="DDPMScheduler", generator=0, output_type="np")
+    # what the old behaviour gave (the explicit Scheduler is the documented way around the refusal)
+    stale = get_scheduler(old.scheduler_config, "EulerDiscreteScheduler")
+    assert stale.timestep_spacing == "leading"
+    want = p.reference("EulerDiscreteScheduler", False)(**kw, generator=torch.Generator().manual_seed(5),
+                                                         output_type="np").images
+    got = old(**kw, scheduler=stale, generator=TorchGeneratorNoise(5), output_type="np").images
+    assert float(np.abs(got - want).max()) > 1e-2  # the issue's bug: PNDM's spacing carried over
+
+
+def test_in_memory_pipeline_exports_its_non_default_keys(tmp_path):
+    """A pipeline that exists only in memory: the bundle gets the keys diffusers' from_config would
+    see (those the scheduler was given), not every default written out."""
+    from diffusers import DDPMScheduler, UnCLIPScheduler
+
+    from latentrt.export.scheduler_files import in_memory_config
+
+    karlo = json.loads(published_files("kakaobrain/karlo-v1-alpha")["prior_scheduler/scheduler_config.json"]
+                       .read_text())
+    # diffusers' StableUnCLIPPipeline docs: DDPMScheduler.from_config(UnCLIPScheduler(...).config);
+    # beta_schedule was UnCLIPScheduler's default, so DDPM takes its own ("linear")
+    prior = DDPMScheduler.from_config(UnCLIPScheduler.from_config(karlo).config)
+    cfg = in_memory_config(prior)
+    assert "beta_schedule" not in cfg and cfg["clip_sample_range"] == 5.0 and cfg["_class_name"] == "DDPMScheduler"
+    ours = get_scheduler(cfg)
+    assert ours.beta_schedule == prior.config.beta_schedule == "linear"
+    np.testing.assert_array_equal(ours.alphas_cumprod, prior.alphas_cumprod.numpy())
