@@ -42,16 +42,21 @@ CASES = {
     # the model cards: the LCM UNet in the base repo's folder, LCMScheduler.from_config(pipe.scheduler.config)
     "latent-consistency/lcm-sdxl": (("LCMScheduler", "EulerDiscreteScheduler"), True, LCM_KW),
     "latent-consistency/lcm-ssd-1b": (("LCMScheduler",), True, LCM_KW),
-    # the latent upscaler's loop is written for the Euler family (sigmas, log-sigma timesteps)
-    "stabilityai/sd-x2-latent-upscaler": (("EulerDiscreteScheduler", "EulerDiscreteScheduler+karras",
-                                           "EulerAncestralDiscreteScheduler"), False,
+    # the latent upscaler's loop is written for Euler (sigmas, log-sigma timesteps); its UNet predicts
+    # the sample, which diffusers' (and our) Euler-ancestral refuses
+    "stabilityai/sd-x2-latent-upscaler": (("EulerDiscreteScheduler", "EulerDiscreteScheduler+karras"), False,
                                           dict(num_inference_steps=3, guidance_scale=5.0)),
-    "stabilityai/stable-diffusion-2-1-unclip": (ALL, False, dict(height=32, width=32, num_inference_steps=3,
+    # 4 steps: its DDIM file has no skip_prk_steps, so PNDMScheduler runs PRK steps, which diffusers
+    # cannot plan for fewer than 4
+    "stabilityai/stable-diffusion-2-1-unclip": (ALL, False, dict(height=32, width=32, num_inference_steps=4,
                                                                  guidance_scale=5.0, noise_level=50)),
     "stabilityai/stable-diffusion-2-1-unclip-small": (("EulerDiscreteScheduler",), False,
-                                                      dict(height=32, width=32, num_inference_steps=3,
+                                                      dict(height=32, width=32, num_inference_steps=4,
                                                            guidance_scale=5.0, noise_level=50)),
 }
+#: the size components are traced at (the published sample sizes mean 512-1024 px by default); the
+#: upscaler's K-UNet needs its own default
+TRACE_SIZE = {"stabilityai/sd-x2-latent-upscaler": None}
 
 
 def _diffusers_scheduler(name: str, config):
@@ -75,7 +80,8 @@ class Published:
         from latentrt.export.bundle import export_bundle
 
         self.bundle = root / "bundle"
-        export_bundle(self.folder, self.bundle, check="off", trace_size=32, progress=lambda *_: None)
+        export_bundle(self.folder, self.bundle, check="off", trace_size=TRACE_SIZE.get(repo, 32),
+                      progress=lambda *_: None)
         self.ours = latentrt.load(self.bundle)
 
     def reference(self, name: str | None, img2img: bool):
