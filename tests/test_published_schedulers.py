@@ -5,8 +5,11 @@ the folder from disk with ``from_pretrained`` and swaps schedulers the way users
 ``AutoPipelineFor*.from_pipe(pipe, scheduler=X.from_config(pipe.scheduler.config))``; latentrt exports
 the same folder once and runs ``scheduler="X"``. With every published scheduler file, every runtime
 scheduler (and its ``+karras`` alias) must give diffusers' image within 1e-4 (fp32 bundle), for
-text-to-image and image-to-image. Repos whose scheduler file is another repo's byte for byte (SSD-1B
-ships SDXL base's; the unCLIP-small repo the unCLIP one's) get a shorter run.
+text-to-image and image-to-image (unCLIP: image variations; the upscaler: latents in). Repos whose
+scheduler files are another repo's byte for byte (SSD-1B ships SDXL base's, lcm-ssd-1b is used with
+SSD-1B's, the unCLIP-small repo has the unCLIP one's) are built and loaded, not re-run. Old bundles
+(every key written out, no ``scheduler_configs`` in the manifest) keep their own scheduler and refuse
+only the swaps whose result they cannot tell.
 """
 
 from __future__ import annotations
@@ -38,10 +41,8 @@ CASES = {
     # original_inference_steps)
     "SimianLuo/LCM_Dreamshaper_v7": (("LCMScheduler",), True, LCM_KW),
     "stabilityai/stable-diffusion-xl-base-1.0": (ALL, True, SD_KW),
-    "segmind/SSD-1B": (("EulerDiscreteScheduler", "DPMSolverMultistepScheduler+karras"), True, SD_KW),
     # the model cards: the LCM UNet in the base repo's folder, LCMScheduler.from_config(pipe.scheduler.config)
     "latent-consistency/lcm-sdxl": (("LCMScheduler", "EulerDiscreteScheduler"), True, LCM_KW),
-    "latent-consistency/lcm-ssd-1b": (("LCMScheduler",), True, LCM_KW),
     # the latent upscaler's loop is written for Euler (sigmas, log-sigma timesteps); its UNet predicts
     # the sample, which diffusers' (and our) Euler-ancestral refuses
     "stabilityai/sd-x2-latent-upscaler": (("EulerDiscreteScheduler", "EulerDiscreteScheduler+karras"), False,
@@ -50,9 +51,12 @@ CASES = {
     # cannot plan for fewer than 4
     "stabilityai/stable-diffusion-2-1-unclip": (ALL, False, dict(height=32, width=32, num_inference_steps=4,
                                                                  guidance_scale=5.0, noise_level=50)),
-    "stabilityai/stable-diffusion-2-1-unclip-small": (("EulerDiscreteScheduler",), False,
-                                                      dict(height=32, width=32, num_inference_steps=4,
-                                                           guidance_scale=5.0, noise_level=50)),
+}
+#: repos whose files are another repo's (scheduler configs byte for byte): built and loaded, not re-run
+SAME_FILES = {
+    "segmind/SSD-1B": "stabilityai/stable-diffusion-xl-base-1.0",
+    "latent-consistency/lcm-ssd-1b": "latent-consistency/lcm-sdxl",
+    "stabilityai/stable-diffusion-2-1-unclip-small": "stabilityai/stable-diffusion-2-1-unclip",
 }
 #: the size components are traced at (the published sample sizes mean 512-1024 px by default); the
 #: upscaler's K-UNet needs its own default
@@ -151,7 +155,7 @@ def _cases():
 
 
 def test_every_repo_has_a_case_and_a_source_note():
-    assert set(CASES) == set(REPOS)
+    assert set(CASES) | set(SAME_FILES) == set(REPOS) and not set(CASES) & set(SAME_FILES)
     for repo in REPOS:
         info = source_info(repo)
         assert info["repo"] == repo and info["obtained"]
@@ -171,6 +175,24 @@ def test_the_folder_carries_the_published_files(published):
         (p.folder / "scheduler" / "scheduler_config.json").read_bytes()
     assert p.ours.bundle.manifest.extra["scheduler_configs"] == {"scheduler": "source file"}
     assert p.ours.bundle.constants["vae_scaling_factor"] == 0.18215
+
+
+@pytest.mark.parametrize("repo", list(SAME_FILES))
+def test_repos_sharing_scheduler_files(repo, tmp_path):
+    """Their scheduler files are the tested repo's byte for byte; their tiny folders build and load."""
+    import diffusers
+
+    tested = SAME_FILES[repo]
+    mine, theirs = published_files(repo), published_files(tested)
+    scheds = [rel for rel in mine if rel.endswith("scheduler_config.json")]
+    assert scheds and all(mine[rel].read_bytes() == theirs[rel].read_bytes() for rel in scheds)
+    folder = save_tiny_published(tmp_path / "model", repo)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    assert type(pipe).__name__ == json.loads(mine["model_index.json"].read_text())["_class_name"]
+    for key, value in source_info(repo)["constants"].items():
+        module, _, attr = key.partition(".")
+        if attr in ("scaling_factor", "force_upcast", "sample_size", "time_cond_proj_dim"):
+            assert getattr(getattr(pipe, module).config, attr) == value, key
 
 
 @pytest.mark.parametrize("repo,name,img2img", list(_cases()))
