@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import latentrt
-from latentrt.export.tiny_published import REPOS, published_files, save_tiny_published, source_info
+from latentrt.export.tiny_published import PUBLISHED, REPOS, published_files, save_tiny_published, source_info
 from latentrt.manifest import BundleError
 from latentrt.runtime.random import TorchGeneratorNoise
 from latentrt.runtime.schedulers import ALIASES, get_scheduler, known_names
@@ -253,3 +253,51 @@ def test_in_memory_pipeline_exports_its_non_default_keys(tmp_path):
     ours = get_scheduler(cfg)
     assert ours.beta_schedule == prior.config.beta_schedule == "linear"
     np.testing.assert_array_equal(ours.alphas_cumprod, prior.alphas_cumprod.numpy())
+
+
+def _published_scheduler_files():
+    seen = {}
+    for d in sorted(p for p in PUBLISHED.iterdir() if p.is_dir()):
+        for path in sorted(d.rglob("scheduler_config.json")):
+            seen.setdefault(path.read_bytes(), path)
+    return list(seen.values())
+
+
+def _one_step(sched):
+    import inspect
+
+    sched.set_timesteps(4)
+    x = torch.ones((1, 4, 2, 2))
+    kw = {"generator": torch.Generator().manual_seed(0)} if "generator" in inspect.signature(sched.step).parameters else {}
+    sched.step(x, sched.timesteps[0], x, **kw)
+
+
+@pytest.mark.parametrize("path", _published_scheduler_files(), ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
+def test_config_rule_matches_diffusers_for_every_published_file(path):
+    """Config level, every runtime scheduler: our ``get_scheduler(file, X)`` takes the values
+    diffusers' ``X.from_config(Source.from_config(file).config)`` takes; the same from diffusers'
+    in-memory config dict (with ``_use_default_values``) and after a second swap (X -> Y)."""
+    import diffusers
+
+    file = json.loads(path.read_text())
+    source = getattr(diffusers, file["_class_name"]).from_config(file)
+    for name in ALL:
+        ref = _diffusers_scheduler(name, source.config)
+        try:
+            get_scheduler(file, name)
+        except ValueError as e:  # refused up front only where diffusers cannot step either
+            assert name.split("+")[0] in str(e)
+            with pytest.raises((ValueError, NotImplementedError)):
+                _one_step(ref)
+            continue
+        for cfg in (file, dict(source.config)):
+            ours = get_scheduler(cfg, name)
+            for key in ours.config_keys():
+                want = ref.config[key]
+                assert getattr(ours, key) == (tuple(want) if isinstance(want, list) else want), (name, key)
+        for second in ("EulerDiscreteScheduler", "DDIMScheduler"):
+            ref2 = _diffusers_scheduler(second, ref.config)
+            ours2 = get_scheduler(dict(ref.config), second)
+            assert {k: getattr(ours2, k) for k in ours2.config_keys()} == \
+                {k: (tuple(v) if isinstance(v, list) else v) for k, v in ref2.config.items()
+                 if k in ours2.config_keys()}, (name, second)
