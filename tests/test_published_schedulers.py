@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import latentrt
-from latentrt.export.tiny_published import PUBLISHED, REPOS, published_files, save_tiny_published, source_info
+from latentrt.export.tiny_published import (PUBLISHED, REPOS, published_constants, published_files,
+                                            save_tiny_published, source_info)
 from latentrt.manifest import BundleError
 from latentrt.runtime.random import TorchGeneratorNoise
 from latentrt.runtime.schedulers import ALIASES, get_scheduler, known_names
@@ -177,6 +178,32 @@ def test_the_folder_carries_the_published_files(published):
     assert p.ours.bundle.constants["vae_scaling_factor"] == 0.18215
 
 
+@pytest.mark.parametrize("repo", list(CASES))
+def test_tiny_models_carry_the_published_constants(repo, published):
+    p = published(repo)
+    constants = published_constants(repo)
+    k = p.ours.bundle.constants
+    index = json.loads(published_files(repo)["model_index.json"].read_text())
+    assert type(p.ref).__name__ == index["_class_name"]
+    for key, value in constants.items():
+        module, _, attr = key.partition(".")
+        if attr in ("scaling_factor", "force_upcast", "sample_size", "time_cond_proj_dim"):
+            assert getattr(getattr(p.ref, module).config, attr) == value, key
+    if "vae.scaling_factor" in constants:
+        assert k["vae_scaling_factor"] == constants["vae.scaling_factor"]
+    if "unet.time_cond_proj_dim" in constants:
+        assert k["time_cond_proj_dim"] == constants["unet.time_cond_proj_dim"]
+    if "unet.sample_size" in constants:
+        assert k["default_height"] == constants["unet.sample_size"] * 8
+    for key in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+        if key in constants:
+            assert p.ref.config.get(key, False) is k[key] is constants[key], key
+    if "vae.force_upcast" in constants:
+        assert k["vae_force_upcast"] is constants["vae.force_upcast"]
+    want_prediction = str(constants.get("prediction_type", "epsilon")).split()[0]
+    assert p.ref.scheduler.config.prediction_type == p.ours.scheduler.prediction_type == want_prediction
+
+
 @pytest.mark.parametrize("repo", list(SAME_FILES))
 def test_repos_sharing_scheduler_files(repo, tmp_path):
     """Their scheduler files are the tested repo's byte for byte; their tiny folders build and load."""
@@ -189,7 +216,7 @@ def test_repos_sharing_scheduler_files(repo, tmp_path):
     folder = save_tiny_published(tmp_path / "model", repo)
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
     assert type(pipe).__name__ == json.loads(mine["model_index.json"].read_text())["_class_name"]
-    for key, value in source_info(repo)["constants"].items():
+    for key, value in published_constants(repo).items():
         module, _, attr = key.partition(".")
         if attr in ("scaling_factor", "force_upcast", "sample_size", "time_cond_proj_dim"):
             assert getattr(getattr(pipe, module).config, attr) == value, key
@@ -301,3 +328,19 @@ def test_config_rule_matches_diffusers_for_every_published_file(path):
             assert {k: getattr(ours2, k) for k in ours2.config_keys()} == \
                 {k: (tuple(v) if isinstance(v, list) else v) for k, v in ref2.config.items()
                  if k in ours2.config_keys()}, (name, second)
+
+
+def test_a_scheduler_swapped_before_export_is_written_from_memory(published, tmp_path):
+    """The folder's file counts only while it still describes the pipeline's scheduler."""
+    import diffusers
+
+    from latentrt.export.scheduler_files import in_memory_config, write_scheduler_configs
+
+    p = published("runwayml/stable-diffusion-v1-5")
+    assert write_scheduler_configs(p.ref, tmp_path / "a", src=p.folder) == {"scheduler": "source file"}
+    swapped = type(p.ref).from_pipe(p.ref, scheduler=diffusers.EulerDiscreteScheduler.from_config(p.ref.scheduler.config))
+    assert write_scheduler_configs(swapped, tmp_path / "b", src=p.folder) == {"scheduler": "in-memory config"}
+    cfg = json.loads((tmp_path / "b" / "scheduler" / "scheduler_config.json").read_text())
+    assert cfg == in_memory_config(swapped.scheduler) and "timestep_spacing" not in cfg
+    ours = get_scheduler(cfg)
+    assert ours.name == "EulerDiscreteScheduler" and ours.timestep_spacing == swapped.scheduler.config.timestep_spacing

@@ -53,6 +53,13 @@ def source_info(repo: str) -> dict:
     return json.loads((published_dir(repo) / SOURCE).read_text())
 
 
+def published_constants(repo: str) -> dict:
+    """The repo's pipeline constants (a UNet-only repo: its base repo's, then its own)."""
+    info = source_info(repo)
+    base = source_info(info["base"]).get("constants", {}) if info.get("base") else {}
+    return {**base, **info.get("constants", {})}
+
+
 def published_files(repo: str) -> dict[str, Path]:
     """Relative path -> stored file, for the repo (or, for a UNet-only repo, its base repo)."""
     base = source_info(repo).get("base")
@@ -111,7 +118,7 @@ def save_tiny_published(out_dir: str | Path, repo: str, seed: int = 0) -> Path:
     save, kwargs = BUILDERS[repo]
     out = Path(out_dir)
     save(out, seed, **kwargs)
-    for module, changes in _module_constants(source_info(repo).get("constants", {})).items():
+    for module, changes in _module_constants(published_constants(repo)).items():
         _reconfigure(out, module, changes)
     files = published_files(repo)
     tokenizers: dict[str, dict[str, Path]] = {}
