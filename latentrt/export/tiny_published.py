@@ -82,9 +82,20 @@ def _module_constants(constants: dict) -> dict[str, dict]:
     return out
 
 
+#: config keys no weight's shape depends on: changed in config.json alone
+SHAPELESS = ("scaling_factor", "force_upcast", "sample_size")
+
+
 def _reconfigure(folder: Path, module: str, changes: dict) -> None:
-    """Rewrite ``folder/module`` with its config changed, keeping every weight whose shape stays
-    (a new ``time_cond_proj_dim`` gets a new, seeded, guidance projection)."""
+    """Rewrite ``folder/module`` with its config changed. Keys in :data:`SHAPELESS` only edit its
+    config.json; another change (``time_cond_proj_dim``) rebuilds the module, keeping every weight
+    whose shape stays (a new guidance projection is seeded)."""
+    path = folder / module / "config.json"
+    config = json.loads(path.read_text())
+    changes = {k: v for k, v in changes.items() if config.get(k) != v}
+    if all(k in SHAPELESS for k in changes):
+        path.write_text(json.dumps({**config, **changes}, indent=2, sort_keys=True) + "\n")
+        return
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
