@@ -108,7 +108,9 @@ def _stat(t) -> np.ndarray:
 
 
 def unclip_support_files(pipe, root: Path) -> dict:
-    root = Path(root)  # the prior's and noising scheduler's configs: export.scheduler_files, like every scheduler's
+    """Prior tokenizer or CLIP image processor settings, and the embedding statistics (the prior's and
+    noising scheduler's configs are written with every scheduler's, by export.scheduler_files)."""
+    root = Path(root)
     stats = {"normalizer_mean": _stat(pipe.image_normalizer.mean), "normalizer_std": _stat(pipe.image_normalizer.std)}
     if hasattr(pipe, "prior"):
         pipe.prior_tokenizer.save_pretrained(str(root / "prior_tokenizer"))

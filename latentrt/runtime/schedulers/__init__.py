@@ -58,8 +58,12 @@ def get_scheduler(config: Mapping[str, Any], name: str | None = None) -> Schedul
     """Build a scheduler from a diffusers ``scheduler_config.json`` dict.
 
     ``name`` (a diffusers class name, or an alias such as ``"DPMSolverMultistepScheduler+karras"``)
-    overrides ``config["_class_name"]`` and keeps every other config key the target class
-    understands, as ``Scheduler.from_config`` does in diffusers. Unknown keys are ignored.
+    overrides ``config["_class_name"]``. diffusers' ``XScheduler.from_config(pipe.scheduler.config)``
+    rule: keys the config contains carry over to the target class (those it understands; unknown keys
+    are ignored), keys it does not contain take the *target* class's defaults. A diffusers config dict
+    lists the keys its scheduler took from defaults in ``_use_default_values``; those count as not
+    contained. So pass a ``scheduler_config.json`` as published (its own keys), not one re-serialised
+    with every default written out (see :func:`undecidable_keys`).
     """
     target = name if name is not None else config.get("_class_name")
     if target is None:
