@@ -90,52 +90,46 @@ class Published:
         self.ours = latentrt.load(self.bundle)
 
     def reference(self, name: str | None, img2img: bool):
-        """The user's pipeline: the loaded one, or ``from_pipe`` with a swapped scheduler."""
+        """The user's pipeline: ``AutoPipelineFor*.from_pipe`` of the loaded one, its scheduler swapped
+        with ``X.from_config(pipe.scheduler.config)`` (``name=None``: the loaded one's)."""
         import diffusers
 
-        cls = diffusers.AutoPipelineForImage2Image if img2img else None
-        sched = None if name is None else _diffusers_scheduler(name, self.ref.scheduler.config)
-        if cls is None and sched is None:
+        kw = {} if name is None else {"scheduler": _diffusers_scheduler(name, self.ref.scheduler.config)}
+        if not img2img and not kw:
             return self.ref
-        kw = {} if sched is None else {"scheduler": sched}
-        pipe = cls.from_pipe(self.ref, **kw) if cls is not None else type(self.ref).from_pipe(self.ref, **kw)
+        cls = diffusers.AutoPipelineForImage2Image if img2img else type(self.ref)
+        pipe = cls.from_pipe(self.ref, **kw)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
 
-_CACHE: dict[str, Published] = {}
-
-
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
-    def get(repo):
-        if repo not in _CACHE:
-            _CACHE[repo] = Published(repo, tmp_path_factory.mktemp(repo.replace("/", "--")))
-        return _CACHE[repo]
+    """``published(repo)``: the repo's :class:`Published`, built once per module."""
+    cache: dict[str, Published] = {}
 
-    yield get
-    _CACHE.clear()
+    def get(repo):
+        if repo not in cache:
+            cache[repo] = Published(repo, tmp_path_factory.mktemp(repo.replace("/", "--")))
+        return cache[repo]
+
+    return get
 
 
 def _inputs(repo, img2img):
-    kw = dict(CASES[repo][2])
+    """The call's keyword arguments (torch tensors for diffusers; :func:`_images` converts them)."""
+    from PIL import Image
+
+    kw = dict(CASES[repo][2], prompt=PROMPT)
     rng = np.random.default_rng(3)
-    if "upscaler" in repo:
+    if "upscaler" in repo:  # SD latents in
         kw["image"] = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(4))
-        kw["prompt"] = PROMPT
-    elif "unclip" in repo:
-        from PIL import Image
-
+    elif "unclip" in repo:  # the image to make variations of
         kw["image"] = Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8))
-        kw["prompt"] = PROMPT
-    else:
-        kw["prompt"] = PROMPT
-        if img2img:
-            from PIL import Image
-
-            kw["image"] = Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
-            kw["strength"] = 0.7
-            kw.pop("height"), kw.pop("width")
+    elif img2img:
+        kw["image"] = Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
+        kw["strength"] = 0.7
+        del kw["height"], kw["width"]
     return kw
 
 
