@@ -338,3 +338,28 @@ def test_a_scheduler_swapped_before_export_is_written_from_memory(published, tmp
     assert cfg == in_memory_config(swapped.scheduler) and "timestep_spacing" not in cfg
     ours = get_scheduler(cfg)
     assert ours.name == "EulerDiscreteScheduler" and ours.timestep_spacing == swapped.scheduler.config.timestep_spacing
+
+
+def test_unclip_prior_with_karlos_scheduler_as_diffusers_docs_build_it(tmp_path):
+    """StableUnCLIPPipeline as diffusers' docs assemble it: karlo's UnCLIPScheduler file turned into a
+    DDPMScheduler with from_config. Exported from memory, the prior's config keeps only the file's
+    keys, so the runtime's prior runs DDPM's default (linear) betas as diffusers' does."""
+    from diffusers import DDPMScheduler, UnCLIPScheduler
+
+    from latentrt.export.bundle import export_bundle
+    from latentrt.export.tiny_unclip import tiny_unclip_pipeline
+
+    karlo = json.loads(published_files("kakaobrain/karlo-v1-alpha")["prior_scheduler/scheduler_config.json"]
+                       .read_text())
+    ref = tiny_unclip_pipeline(0)
+    ref.prior_scheduler = DDPMScheduler.from_config(UnCLIPScheduler.from_config(karlo).config)
+    ref.set_progress_bar_config(disable=True)
+    m = export_bundle(None, tmp_path / "b", pipe=ref, check="off", trace_size=32, progress=lambda *_: None)
+    assert m.extra["scheduler_configs"]["prior_scheduler"] == "in-memory config"
+    ours = latentrt.load(tmp_path / "b")
+    assert ours.prior_scheduler.beta_schedule == "linear"
+    kw = dict(prompt=PROMPT, height=32, width=32, num_inference_steps=2, prior_num_inference_steps=3,
+              guidance_scale=5.0, noise_level=20)
+    want = ref(**kw, generator=torch.Generator().manual_seed(2), output_type="np").images
+    got = ours(**kw, generator=TorchGeneratorNoise(2), output_type="np").images
+    assert float(np.abs(got - want).max()) <= TOL and float(want.std()) > 1e-2
