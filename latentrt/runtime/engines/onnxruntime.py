@@ -106,6 +106,9 @@ class OrtEngine(Engine):
             key = hashlib.sha256(f"{model_sha}|{ort.__version__}|{device}|{_cpu_fingerprint()}".encode()).hexdigest()[:16]
             cached = Path(cache_dir) / f"{name}-{key}.ort.onnx"
         if cached is not None and cached.is_file():
+            from ...manifest import external_data_files
+
+            external_data_files(cache_dir, cached, f"the cached optimized model {cached.name}")  # stays in the cache
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             model_path = cached
             self.cache_hit = True

@@ -59,7 +59,7 @@ class _UnCLIPBase(BasePipeline):
     def __init__(self, bundle, **kw):
         super().__init__(bundle, **kw)
         self.stats = self._load_stats()
-        cfg_path = bundle.path / "image_noising_scheduler" / "scheduler_config.json"
+        cfg_path = bundle.file("image_noising_scheduler/scheduler_config.json", "scheduler config")
         if not cfg_path.is_file():
             raise BundleError(f"{bundle.path}: image_noising_scheduler/scheduler_config.json is missing; re-export it")
         self.noising_scheduler = get_scheduler(json.loads(cfg_path.read_text()))
@@ -69,7 +69,7 @@ class _UnCLIPBase(BasePipeline):
         info = (self.bundle.manifest.extra.get("unclip") or {}).get("embedding_stats")
         if not info:
             raise BundleError(f"{self.bundle.path}: the manifest has no unCLIP embedding statistics; re-export it")
-        path = self.bundle.path / info["path"]
+        path = self.bundle.file(info["path"], "unCLIP embedding statistics")
         if not path.is_file() or sha256_file(path) != info["sha256"]:
             raise BundleError(f"{self.bundle.path}: {info['path']} is missing or corrupted (sha256 does not match "
                               "the manifest); re-export the bundle")
@@ -139,7 +139,7 @@ class UnCLIPPipeline(_UnCLIPBase):
     def __init__(self, bundle, **kw):
         super().__init__(bundle, **kw)
         self.prior_tokenizer = bundle.tokenizer("prior_tokenizer")
-        path = bundle.path / "prior_scheduler" / "scheduler_config.json"
+        path = bundle.file("prior_scheduler/scheduler_config.json", "scheduler config")
         if not path.is_file():
             raise BundleError(f"{bundle.path}: prior_scheduler/scheduler_config.json is missing; re-export it")
         self.prior_scheduler = get_scheduler(json.loads(path.read_text()))
@@ -235,7 +235,7 @@ class UnCLIPImg2ImgPipeline(_UnCLIPBase):
 
     def __init__(self, bundle, **kw):
         super().__init__(bundle, **kw)
-        self.clip_image_config = CLIPImageConfig.from_dir(bundle.path / "feature_extractor")
+        self.clip_image_config = CLIPImageConfig.from_dir(bundle.file("feature_extractor", "feature extractor folder"))
 
     def _single_image(self, image) -> bool:
         """A lone picture is repeated to the whole batch; a list or pixel_values batch per prompt."""
