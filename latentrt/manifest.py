@@ -217,8 +217,12 @@ def external_data_files(root: str | os.PathLike, model: str | os.PathLike, what:
     what = what or model.name
     try:
         locations = external_data_locations(model)
-    except (OSError, OnnxFormatError) as e:
-        raise BundleError(f"{root}: {what} is not a readable ONNX model ({e}); {REEXPORT_HINT}") from None
+    except OnnxFormatError:
+        # not a well-formed protobuf (the reader skips what protobuf parsers skip, groups included), so
+        # no ONNX reader follows a reference in it: the engine refuses the file with its own clear error
+        return []
+    except OSError as e:
+        raise BundleError(f"{root}: {what} could not be read ({e}); {REEXPORT_HINT}") from None
     # ONNX resolves a location next to the (real) model file
     folder = model.parent.relative_to(root.resolve()).as_posix() if model.is_relative_to(root.resolve()) else None
     if folder is None:

@@ -22,7 +22,7 @@ import mmap
 import os
 from typing import Iterator
 
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_VARINT, _I64, _LEN, _START_GROUP, _END_GROUP, _I32 = 0, 1, 2, 3, 4, 5
 
 
 class OnnxFormatError(ValueError):
@@ -42,6 +42,27 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
+def _skip(buf, pos: int, end: int, wire: int, field: int) -> int:
+    """The position after a field's value (of a wire type other than length-delimited)."""
+    if wire == _VARINT:
+        return _varint(buf, pos, end)[1]
+    if wire in (_I64, _I32):
+        return pos + (8 if wire == _I64 else 4)
+    if wire == _START_GROUP:  # deprecated groups: skipped as protobuf parsers do, up to their end tag
+        while True:
+            tag, pos = _varint(buf, pos, end)
+            if tag & 7 == _END_GROUP:
+                if tag >> 3 != field:
+                    raise OnnxFormatError("mismatched protobuf group")
+                return pos
+            if tag & 7 == _LEN:
+                n, pos = _varint(buf, pos, end)
+                pos += n
+            else:
+                pos = _skip(buf, pos, end, tag & 7, tag >> 3)
+    raise OnnxFormatError(f"unexpected protobuf wire type {wire}")
+
+
 def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """(field number, wire type, start, end) of each length-delimited field of the message in
     ``buf[start:end]``; other fields are skipped."""
@@ -49,20 +70,14 @@ def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     while pos < end:
         tag, pos = _varint(buf, pos, end)
         field, wire = tag >> 3, tag & 7
-        if wire == _VARINT:
-            _, pos = _varint(buf, pos, end)
-        elif wire == _I64:
-            pos += 8
-        elif wire == _I32:
-            pos += 4
-        elif wire == _LEN:
+        if wire == _LEN:
             n, pos = _varint(buf, pos, end)
             if pos + n > end:
                 raise OnnxFormatError("a field runs past the end of its message (truncated file?)")
             yield field, wire, pos, pos + n
             pos += n
         else:
-            raise OnnxFormatError(f"unsupported protobuf wire type {wire}")
+            pos = _skip(buf, pos, end, wire, field)
     if pos != end:
         raise OnnxFormatError("a field runs past the end of its message (truncated file?)")
 

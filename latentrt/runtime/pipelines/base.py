@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .. import limits
 from ..bundle import Bundle
 from ..image import postprocess, to_nchw
 from ..random import NoiseSource, randn
@@ -58,13 +59,20 @@ class BasePipeline:
 
     # -- helpers -------------------------------------------------------------------------------
     def run(self, component: str, **inputs) -> dict[str, Any]:
+        self.check_memory(limits.call_sizes(self.engines[component].inputs, inputs), [component])
         with self.timer(component):
             return self.engines[component](**inputs)
+
+    def check_memory(self, sizes: dict | None, components=None) -> None:
+        """Refuse a call that cannot fit in the memory available before an engine runs (:mod:`..limits`)."""
+        limits.check_engines(self.engines, self.bundle.manifest, sizes, components,
+                             size_multiple=int(self.constants.get("size_multiple", self.vae_scale_factor)))
 
     def run_on_device(self, component: str, **inputs) -> dict[str, Any]:
         """Call a component keeping its outputs on the device (engines with ``device_loop``); the
         stage is timed after the device finished it."""
         engine = self.engines[component]
+        self.check_memory(limits.call_sizes(engine.inputs, inputs), [component])
         with self.timer(component):
             out = engine.call_on_device(**inputs)
             engine.synchronize()
@@ -169,6 +177,7 @@ class BasePipeline:
         scheduler's ``init_noise_sigma``."""
         f = self.vae_scale_factor
         shape = (batch, int(self.constants["unet_in_channels"]), height // f, width // f)
+        self.check_memory({"B": batch, "H": height, "W": width})  # before drawing noise or running the UNet
         return self.start_noise(plan, shape, rng, latents)
 
     @staticmethod
