@@ -92,6 +92,10 @@ class Engine:
         arrays = {k: self.cast(k, v) for k, v in inputs.items() if k in self._dtypes}
         arrays.update({k: v for k, v in inputs.items() if k not in self._dtypes})
         sizes = bind_sizes(self.inputs, arrays, component=self.name)
+        empty = {k: v for k, v in sizes.items() if v < 1}
+        if empty:
+            raise SpecError(f"{self.name}: the inputs have empty axes ({', '.join(f'{k}={v}' for k, v in empty.items())}); "
+                            "every batch and image size must be at least 1")
         self.check_limits(sizes)
         return arrays
 

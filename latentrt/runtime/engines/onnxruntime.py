@@ -98,7 +98,7 @@ class OrtEngine(Engine):
         so.intra_op_num_threads = threads or default_threads()
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # fatal only: a failed run raises, and latentrt re-raises it with its message
         providers = _provider_list(device, cache_dir)
         model_path = Path(path)
         cached = None
