@@ -215,6 +215,20 @@ def _largest(fits, hi: int) -> int:
     return lo
 
 
+def check_allocation(shape: Sequence[int], what: str, itemsize: int = FLOAT_BYTES) -> None:
+    """Refuse an array of ``shape`` that alone cannot fit (the per-image copies of the prompt
+    embeddings or the noise of a huge ``num_images_per_prompt``), before numpy tries to allocate it."""
+    n = itemsize
+    for d in shape:
+        n *= int(d)
+    if n < 1 << 26:  # 64 MiB: not worth reading the limits
+        return
+    budget, source = available_memory()
+    if n > budget:
+        raise MemoryLimitError(f"{what} of shape {tuple(shape)} alone need {human(n)}, but only {human(budget)} is "
+                               f"available ({source}); use fewer images per prompt (or fewer prompts)")
+
+
 def check_engines(engines: Mapping[str, Any], manifest, sizes: Mapping[str, int] | None, names=None, *,
                   size_multiple: int = 8) -> None:
     """:func:`check` each named engine (all of them by default) whose specs' symbols ``sizes`` gives."""

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import limits
+from ..arguments import check_arguments
 from ..bundle import Bundle
 from ..image import postprocess, to_nchw
 from ..random import NoiseSource, randn
@@ -37,6 +38,23 @@ class BasePipeline:
     #: components the pipeline cannot run without / uses when present
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kw):
+        """Each pipeline's ``__call__`` first checks the arguments all pipelines share (:mod:`..arguments`)."""
+        super().__init_subclass__(**kw)
+        call = cls.__dict__.get("__call__")
+        if call is not None:
+            import functools
+            import inspect
+
+            signature = inspect.signature(call)
+
+            @functools.wraps(call)
+            def checked(self, *args, **kwargs):
+                check_arguments(dict(list(signature.bind(self, *args, **kwargs).arguments.items())[1:]))
+                return call(self, *args, **kwargs)
+
+            cls.__call__ = checked
 
     def __init__(self, bundle: Bundle, *, backend: str = "onnxruntime", device: str = "cpu", **engine_options):
         self.bundle = bundle
@@ -143,6 +161,7 @@ class BasePipeline:
     @staticmethod
     def repeat_per_prompt(x: np.ndarray, n: int) -> np.ndarray:
         """[p0, p1] -> [p0, p0, p1, p1] for n=2 (diffusers' repeat + view)."""
+        limits.check_allocation((np.shape(x)[0] * n, *np.shape(x)[1:]), "the per-image prompt embeddings")
         return np.repeat(np.asarray(x, dtype=np.float32), n, axis=0)
 
     # -- latents <-> images -----------------------------------------------------------------------
@@ -185,6 +204,7 @@ class BasePipeline:
         """The start of a denoising loop: ``given`` (checked against ``shape``) or noise drawn from
         ``rng``, times the scheduler's ``init_noise_sigma``."""
         if given is None:
+            limits.check_allocation(shape, f"the initial {name}")
             x = randn(rng, shape)
         else:
             x = np.asarray(given, dtype=np.float32)
@@ -212,11 +232,14 @@ class BasePipeline:
 
     @staticmethod
     def check_output_type(output_type: str) -> None:
-        if output_type not in ("pil", "np", "latent"):
+        if not isinstance(output_type, str) or output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
 
     def finish(self, latents: np.ndarray, output_type: str) -> PipelineOutput:
         self.check_output_type(output_type)
+        if not np.isfinite(np.asarray(latents)).all():
+            raise ValueError("the denoised latents are not finite (NaN or inf): the guidance scale, eta or the given "
+                             "latents / embeddings are too large for this model, or an fp16 component overflowed")
         images = latents if output_type == "latent" else postprocess(self.decode(latents), output_type)
         return PipelineOutput(images=images, timings=self.timer.as_dict())
 
@@ -231,8 +254,8 @@ class BasePipeline:
         """Use the full VAE (``"full"``, default) or the bundle's TAESD (``"tiny"``) for this call's
         ``decode`` / ``encode_image``. Tiny engines are created on first use, so bundles that carry
         TAESD cost nothing extra when it is not used."""
-        vae = vae or "full"
-        if vae not in self.VAE_COMPONENTS:
+        vae = "full" if vae is None else vae
+        if not isinstance(vae, str) or vae not in self.VAE_COMPONENTS:
             raise ValueError(f"vae must be 'full' or 'tiny'; got {vae!r}")
         if vae == "tiny":
             if not self.bundle.has("tiny_vae_decoder"):
