@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +118,13 @@ class OrtEngine(Engine):
             self.cache_hit = False
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                so.optimized_model_filepath = str(cached) + ".tmp"
+                # each writer its own temporary graph and weights file: the graph is renamed into place
+                # once both are whole, and a complete entry's weights are never rewritten by another writer
+                tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+                tmp = cached.with_name(f".{cached.name}.{tag}.tmp")
+                so.optimized_model_filepath = str(tmp)
                 so.add_session_config_entry(
-                    "session.optimized_model_external_initializers_file_name", cached.name + ".data"
+                    "session.optimized_model_external_initializers_file_name", f"{cached.name}.{tag}.data"
                 )
                 so.add_session_config_entry(
                     "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
@@ -131,10 +136,8 @@ class OrtEngine(Engine):
                 f"{name}: ONNX Runtime could not load {model_path} ({type(e).__name__}: {str(e).strip()[:300]}); "
                 "the file may be corrupted or from an unsupported exporter: re-export the bundle"
             ) from None
-        if cached is not None and not self.cache_hit:
-            tmp = Path(str(cached) + ".tmp")
-            if tmp.is_file():
-                os.replace(tmp, cached)  # the optimized graph; its weights went to cached.name + ".data"
+        if cached is not None and not self.cache_hit and tmp.is_file():
+            os.replace(tmp, cached)  # the optimized graph; its weights went to its own .data file
         self._output_names = [o.name for o in self.outputs]
 
     def run(self, arrays):
