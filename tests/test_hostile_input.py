@@ -84,14 +84,11 @@ def _pipe(pipes, kind):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _record(pytestconfig):
-    """Print how many cases each property test tried and how they ended (for the record)."""
+def _record():
+    """Print how many cases each property test tried and how they ended (shown with ``pytest -s``)."""
     yield
-    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
     for test, counts in sorted(TRIED.items()):
-        line = f"{test}: {sum(counts.values())} cases, " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        if reporter is not None:
-            reporter.write_line(line)
+        print(f"{test}: {sum(counts.values())} cases, " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
 
 
 @pytest.fixture(autouse=True)
@@ -233,6 +230,14 @@ def test_mismatched_lists(pipes, kind):
                                           "num_images_per_prompt": n, "guidance_scale": 3.0})
 
     run()
+
+
+@pytest.mark.parametrize("prompt", ["", LONG, "caf\u00e9 \u732b \U0001F431 \x00 nul", "\udcff\udc80 surrogates",
+                                    b"\xff\xfe bytes", ["a", b"b"], [], ["a", None]])
+def test_prompt_values(pipes, prompt):
+    """The prompt values the property test draws from, each tried once."""
+    pipe = _pipe(pipes, "lcm")
+    _outcome("prompts[lcm]", pipe, {**_base_kwargs(pipe, "lcm"), "prompt": prompt})
 
 
 def test_long_prompt_is_truncated_with_a_warning(pipes, caplog):

@@ -38,9 +38,10 @@ def steps(name: str, v) -> None:
 
 
 def finite_number(name: str, v, lo: float | None = None, hi: float | None = None) -> None:
-    if not _is_real(v) or not math.isfinite(float(v)):
-        raise TypeError(f"{name} must be a finite number; got {v!r}") if not _is_real(v) else \
-            ValueError(f"{name} must be a finite number; got {v!r}")
+    if not _is_real(v):
+        raise TypeError(f"{name} must be a finite number; got {v!r}")
+    if not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number; got {v!r}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}]; got {v!r}")
 

@@ -215,18 +215,24 @@ def _largest(fits, hi: int) -> int:
     return lo
 
 
+#: copies of a per-image array that a call holds at once (the array, the UNet's batch built from it)
+ARRAY_COPIES = 2
+
+
 def check_allocation(shape: Sequence[int], what: str, itemsize: int = FLOAT_BYTES) -> None:
-    """Refuse an array of ``shape`` that alone cannot fit (the per-image copies of the prompt
-    embeddings or the noise of a huge ``num_images_per_prompt``), before numpy tries to allocate it."""
+    """Refuse an array of ``shape`` that cannot fit twice (the per-image copies of the prompt embeddings
+    or the noise of a huge ``num_images_per_prompt``; the call holds it and the UNet's batch made from
+    it), before numpy tries to allocate it."""
     n = itemsize
     for d in shape:
         n *= int(d)
     if n < 1 << 26:  # 64 MiB: not worth reading the limits
         return
     budget, source = available_memory()
-    if n > budget:
-        raise MemoryLimitError(f"{what} of shape {tuple(shape)} alone need {human(n)}, but only {human(budget)} is "
-                               f"available ({source}); use fewer images per prompt (or fewer prompts)")
+    if ARRAY_COPIES * n > budget:
+        raise MemoryLimitError(f"{what} of shape {tuple(shape)} need {human(ARRAY_COPIES * n)} ({ARRAY_COPIES} copies), "
+                               f"but only {human(budget)} is available ({source}); use fewer images per prompt "
+                               "(or fewer prompts)")
 
 
 def check_engines(engines: Mapping[str, Any], manifest, sizes: Mapping[str, int] | None, names=None, *,

@@ -82,7 +82,10 @@ class BasePipeline:
             return self.engines[component](**inputs)
 
     def check_memory(self, sizes: dict | None, components=None) -> None:
-        """Refuse a call that cannot fit in the memory available before an engine runs (:mod:`..limits`)."""
+        """Refuse a call that cannot fit in the memory available before an engine runs (:mod:`..limits`;
+        host memory, so CPU devices only)."""
+        if self.device != "cpu":
+            return
         limits.check_engines(self.engines, self.bundle.manifest, sizes, components,
                              size_multiple=int(self.constants.get("size_multiple", self.vae_scale_factor)))
 
@@ -143,7 +146,8 @@ class BasePipeline:
         limit = self.tokenizer.model_max_length
         for p, n in zip(prompts, lengths):
             if n > limit:
-                logger.warning("prompt truncated to %d CLIP tokens (it has %d): %r", limit, n, p)
+                logger.warning("prompt truncated to %d CLIP tokens (it has %d): %r", limit, n,
+                               p if len(p) <= 200 else p[:200] + "...")
         return ids
 
     def text_embeddings(self, prompts: Sequence[str], clip_skip: int | None = None) -> dict[str, np.ndarray]:
