@@ -18,6 +18,7 @@ file in ``external_data`` (13), a ``StringStringEntryProto`` of ``key`` (1) and 
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 from typing import Iterator
@@ -122,7 +123,14 @@ def _graph_locations(buf, start, end) -> Iterator[str]:
 
 def external_data_locations(path: str | os.PathLike) -> list[str]:
     """The ``location`` of every external-data tensor of the ONNX model at ``path``, in file order,
-    without duplicates (as written in the model: relative to its folder)."""
+    without duplicates (as written in the model: relative to its folder). Remembered per file, size
+    and mtime (loading a bundle asks twice: verification, then the engine)."""
+    st = os.stat(path)
+    return list(_locations(os.path.realpath(path), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _locations(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -135,4 +143,4 @@ def external_data_locations(path: str | os.PathLike) -> list[str]:
                 elif field == 25:  # functions
                     for a, b in _sub(buf, s, e, 7):
                         found.update(dict.fromkeys(_node_locations(buf, a, b)))
-            return list(found)
+            return tuple(found)
