@@ -158,6 +158,10 @@ def read_manifest(bundle: str | os.PathLike) -> Manifest:
 _COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
+def _is_absolute(rel: str) -> bool:
+    return PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or bool(PureWindowsPath(rel).drive)
+
+
 def bundle_path(bundle: str | os.PathLike, rel: Any, what: str = "path", *, within: str = "") -> Path:
     """``bundle / rel`` with symlinks followed; a :class:`BundleError` unless it lies inside the
     bundle (inside ``bundle / within`` when given). ``rel`` comes from a manifest (or is one of the
@@ -166,7 +170,7 @@ def bundle_path(bundle: str | os.PathLike, rel: Any, what: str = "path", *, with
     bundle = Path(bundle)
     if not isinstance(rel, str) or not rel:
         raise BundleError(f"{bundle}: {what} {rel!r} is not a path relative to the bundle; {REEXPORT_HINT}")
-    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+    if _is_absolute(rel):
         raise BundleError(f"{bundle}: {what} {rel!r} is an absolute path, outside the bundle; a bundle refers "
                           f"only to its own files, by relative paths. Refusing to read it; {REEXPORT_HINT}")
     root = (bundle / within).resolve() if within else bundle.resolve()
@@ -230,7 +234,7 @@ def external_data_files(root: str | os.PathLike, model: str | os.PathLike, what:
     out = []
     for loc in locations:
         label = f"external data {loc!r} of {what}"
-        if PurePosixPath(loc).is_absolute() or PureWindowsPath(loc).is_absolute() or PureWindowsPath(loc).drive:
+        if _is_absolute(loc):
             bundle_path(root, loc, label)  # raises: absolute
         out.append((loc, bundle_path(root, loc if folder == "." else f"{folder}/{loc}", label)))
     return out
@@ -241,7 +245,7 @@ def check_external_data(bundle: str | os.PathLike, entry: ComponentEntry) -> lis
     that each lies inside the bundle and is one of the component's recorded (hashed) files. Called
     before any engine opens the model."""
     model = bundle_path(bundle, entry.path, f"component {entry.name!r} model file")
-    if model.suffix != ".onnx" or not model.is_file():
+    if not model.is_file():  # whatever its name: an engine would read it as ONNX
         return []
     root = Path(bundle).resolve()
     out = []
