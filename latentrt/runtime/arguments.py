@@ -58,12 +58,10 @@ def float_array(name: str, v) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def sequence_of_ints(name: str, v, length: int | None = None) -> None:
-    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or not v or not all(
-            _is_int(x) or (_is_real(x) and math.isfinite(float(x))) for x in v):
-        raise TypeError(f"{name} must be a non-empty list of numbers; got {v!r}")
-    if length is not None and len(v) != length:
-        raise ValueError(f"{name} must have {length} entries; got {v!r}")
+def sequence_of_numbers(name: str, v) -> None:
+    if not isinstance(v, (list, tuple, np.ndarray)) or not len(v) or not all(
+            _is_real(x) and math.isfinite(float(x)) for x in v):
+        raise TypeError(f"{name} must be a non-empty list of finite numbers; got {v!r}")
 
 
 def optional(check: Callable) -> Callable:
@@ -94,14 +92,11 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "negative_aesthetic_score": finite_number,
     "denoising_end": optional(lambda n, v: finite_number(n, v, 0.0, 1.0)),
     "clip_skip": optional(_nonnegative_int),
-    "timesteps": optional(sequence_of_ints),
+    "timesteps": optional(sequence_of_numbers),
     "scheduler": optional(lambda n, v: None if not isinstance(v, (str, bytes)) and hasattr(v, "plan")
                           else _str_name(n, v)),
     **{k: optional(float_array) for k in ("latents", "prior_latents", "prompt_embeds", "negative_prompt_embeds",
                                           "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "image_embeds")},
-    **{k: optional(lambda n, v: sequence_of_ints(n, v, 2)) for k in (
-        "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
-        "negative_crops_coords_top_left", "negative_target_size")},
 }
 
 
