@@ -20,13 +20,13 @@ def register(sub) -> None:
     p.add_argument("bundle", help="a bundle exported from a StableDiffusionLatentUpscalePipeline")
     p.add_argument("image", help="input image (PNG, JPEG, ...); sides must be multiples of the bundle's size_multiple")
     p.add_argument("--prompt", default="", help="what the image shows (default: empty)")
-    p.add_argument("--negative-prompt")
+    p.add_argument("--negative-prompt", help="what the image should not show")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"num_inference_steps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                    help=f"guidance_scale (default {DEFAULT_GUIDANCE}; 0 ignores the prompt)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("-o", "--output", default="latentrt-out", help="output folder (default latentrt-out)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_args(p)
     p.set_defaults(func=run)
 
