@@ -17,9 +17,10 @@ import numpy as np
 from ..random import as_noise_source
 from .base import BasePipeline, PipelineOutput
 from .guidance import check_strength, denoise, do_classifier_free_guidance, encode_prompt, sd_plan
+from .prompts import PromptEncoder
 
 
-class StableDiffusionPipeline(BasePipeline):
+class StableDiffusionPipeline(PromptEncoder, BasePipeline):
     required = ("text_encoder", "unet", "vae_decoder")
     optional = ("vae_encoder",)
 

@@ -25,6 +25,7 @@ from ..random import as_noise_source, randn
 from ..schedulers import get_scheduler
 from .base import BasePipeline, PipelineOutput
 from .guidance import apply_guidance, denoise, do_classifier_free_guidance, encode_prompt
+from .prompts import PromptEncoder
 
 try:
     from PIL import Image
@@ -52,7 +53,7 @@ def _is_text(x) -> bool:
     return isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(p, str) for p in x))
 
 
-class _UnCLIPBase(BasePipeline):
+class _UnCLIPBase(PromptEncoder, BasePipeline):
     """What both unCLIP pipelines share: embedding statistics, the noising scheduler, the decoder."""
 
     def __init__(self, bundle, **kw):

@@ -206,6 +206,21 @@ class LatentUpscalePipeline(BasePipeline):
             neg_hidden, neg_pooled = self.encode_text(negative_prompt_list(negative_prompt, len(prompts)))
         return np.concatenate([neg_hidden, hidden], axis=0), np.concatenate([neg_pooled, pooled], axis=0)
 
+    def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                      do_classifier_free_guidance: bool = True):
+        """diffusers' ``encode_prompt`` of the latent upscaler: ``(prompt_embeds, negative_prompt_embeds,
+        pooled_prompt_embeds, negative_pooled_prompt_embeds)`` for the call arguments of the same names
+        (the negatives ``None`` without classifier-free guidance). The upscaler has no
+        ``num_images_per_prompt`` or ``clip_skip``."""
+        if prompt is None:
+            raise ValueError("encode_prompt needs a prompt (str or list of str)")
+        cfg = bool(do_classifier_free_guidance)
+        hidden, pooled = self.conditioning(prompt, negative_prompt if cfg else None, 2.0 if cfg else 1.0)
+        if not cfg:
+            return hidden, None, pooled, None
+        half = hidden.shape[0] // 2
+        return hidden[half:], hidden[:half], pooled[half:], pooled[:half]
+
     # -- the call -------------------------------------------------------------------------------
     def __call__(
         self,
