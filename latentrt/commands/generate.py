@@ -17,6 +17,15 @@ def add_runtime_args(p) -> None:
     p.add_argument("--threads", type=int, help="intra-op threads (default: the CPUs available)")
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. precision=bf16 for openvino (repeatable)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode (and encode) with the VAE in overlapping tiles, as diffusers' enable_vae_tiling: "
+                        "bounded memory for big images (the image differs slightly at the seams)")
+    p.add_argument("--vae-slicing", action="store_true", help="run the VAE on one image of the batch at a time")
+
+
+def vae_kwargs(args) -> dict:
+    """The call arguments of --vae-tiling / --vae-slicing (only when given: the pipeline's defaults otherwise)."""
+    return {f"vae_{k}": True for k in ("tiling", "slicing") if getattr(args, f"vae_{k}", False)}
 
 
 def _option_value(text: str):
@@ -71,6 +80,7 @@ def call_kwargs(args) -> dict:
               scheduler=args.scheduler, vae="tiny" if getattr(args, "tiny_vae", False) else None)
     if args.negative_prompt is not None:
         kw["negative_prompt"] = args.negative_prompt
+    kw.update(vae_kwargs(args))
     return {k: v for k, v in kw.items() if v is not None}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .generate import add_runtime_args, engine_options, print_timings, progress_callback, save_images
+from .generate import add_runtime_args, engine_options, print_timings, progress_callback, save_images, vae_kwargs
 
 DEFAULT_STEPS = 20  # the diffusers example's choice (the pipeline's own default is 75)
 DEFAULT_GUIDANCE = 9.0  # the diffusers pipeline's default
@@ -54,7 +54,7 @@ def upscale_chain(pipe, args, kw: dict, callback):
     from ..runtime.pipelines.upscale import chain
 
     upscaler = load_upscaler(args.upscale, args)
-    up_kw = upscale_kwargs(args.upscale_steps, args.upscale_guidance, args.negative_prompt)
+    up_kw = {**upscale_kwargs(args.upscale_steps, args.upscale_guidance, args.negative_prompt), **vae_kwargs(args)}
     gen_kw = {k: v for k, v in kw.items() if k != "generator"}
     return chain(pipe, upscaler, args.prompt, generator=args.seed, output_type="pil", upscale_kwargs=up_kw,
                  callback=callback, **gen_kw)
@@ -64,7 +64,7 @@ def run(args) -> int:
     from PIL import Image
 
     pipe = load_upscaler(args.bundle, args)
-    kw = upscale_kwargs(args.steps, args.guidance, args.negative_prompt)
+    kw = {**upscale_kwargs(args.steps, args.guidance, args.negative_prompt), **vae_kwargs(args)}
     cb, close = progress_callback(args.steps, not args.no_progress)
     with Image.open(args.image) as img:
         image = img.convert("RGB")

@@ -18,7 +18,7 @@ from .. import __version__
 from ..manifest import Manifest, write_json_atomic
 from .onnx_export import ExportOptions, export_component
 from .precision import parse_component_precisions
-from .recipes import detect_kind
+from .recipes import detect_kind, vae_tile_constants
 from .scheduler_files import write_scheduler_configs
 
 
@@ -200,6 +200,7 @@ def export_bundle(
         pipe, vae_source = swap_vae(pipe, vae, copy_pipe=pipe_given and not loras)
     recipe = detect_kind(pipe)
     constants = recipe.constants(pipe)
+    constants.update(vae_tile_constants(getattr(pipe, "vae", None)))  # VAE tiling (issue 17)
     plans = recipe.components(pipe, constants)
     tiny_source = None
     if tiny_vae is not None:

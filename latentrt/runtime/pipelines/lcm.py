@@ -61,9 +61,11 @@ class LCMPipeline(PromptEncoder, BasePipeline):
         callback: Callable | None = None,
         negative_prompt: Any = None,
         vae: str = "full",
+        vae_tiling: bool | None = None,
+        vae_slicing: bool | None = None,
     ) -> PipelineOutput:
         self.start_call()
-        self.select_vae(vae)  # "full" or "tiny" (TAESD, when the bundle has it)
+        self.select_vae(vae, vae_tiling, vae_slicing)  # "full" or "tiny" (TAESD, when the bundle has it)
         self.check_output_type(output_type)
         if negative_prompt is not None:
             logger.warning("LCM does not use classifier-free guidance: negative_prompt has no effect")

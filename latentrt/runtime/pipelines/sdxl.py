@@ -201,9 +201,11 @@ class SDXLPipeline(BasePipeline):
         callback_on_step_end: Callable | None = None,
         callback: Callable | None = None,
         vae: str = "full",
+        vae_tiling: bool | None = None,
+        vae_slicing: bool | None = None,
     ) -> PipelineOutput:
         self.start_call()
-        self.select_vae(vae)
+        self.select_vae(vae, vae_tiling, vae_slicing)
         self.check_output_type(output_type)
         img2img = image is not None
         if num_inference_steps is None:

@@ -142,7 +142,7 @@ class LatentUpscalePipeline(BasePipeline):
                                  "lacks; pass latents instead")
             pixels = to_nchw(value, vae_scale_factor=self.vae_scale_factor)
             self.check_size(pixels.shape[2] // self.vae_scale_factor, pixels.shape[3] // self.vae_scale_factor)
-            params = np.asarray(self.run("vae_encoder", sample=pixels)["latent_parameters"], np.float32)
+            params = self.run_vae("vae_encoder", pixels, "encode", "sample", "latent_parameters")
             low = self.sample_latent_dist(params, rng) * np.float32(self.constants["vae_scaling_factor"])
         self.check_size(low.shape[2], low.shape[3])
         n = low.shape[0]
@@ -240,12 +240,15 @@ class LatentUpscalePipeline(BasePipeline):
         pooled_prompt_embeds: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
         negative_pooled_prompt_embeds: np.ndarray | None = None,
+        vae_tiling: bool | None = None,
+        vae_slicing: bool | None = None,
     ) -> PipelineOutput:
         """Upscale ``image`` (SD latents or an image) 2x, guided by ``prompt`` (diffusers' defaults:
         75 steps, guidance 9). ``latents`` is the initial noise at the output size, as in diffusers.
         ``prompt_embeds`` (the text encoder's last hidden state *before* its final layer norm) come
         with ``pooled_prompt_embeds``; the same for the negative pair."""
         self.start_call()
+        self.set_vae_options(vae_tiling, vae_slicing)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
         kind, value = self.classify_input(image)
