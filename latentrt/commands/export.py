@@ -37,6 +37,11 @@ def register(sub) -> None:
     p.add_argument("--tiny-vae", metavar="SRC",
                    help="also export a TAESD AutoencoderTiny (hub id such as madebyollin/taesd, or a local folder) "
                         "as an alternative VAE, used with `generate --tiny-vae` / pipe(..., vae='tiny')")
+    p.add_argument("--textual-inversion", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="add a textual-inversion embedding (diffusers learned_embeds, A1111 .pt/.safetensors, SDXL "
+                        "clip_l/clip_g .safetensors) as TOKEN (default: the file's own token or its name); repeatable")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickled files (.pt, .bin, .ckpt), which can run code: only for files you trust")
     p.set_defaults(func=run)
 
 
@@ -64,5 +69,7 @@ def run(args) -> int:
         **({"tiny_vae": args.tiny_vae} if getattr(args, "tiny_vae", None) else {}),
         **({"loras": args.lora} if getattr(args, "lora", None) else {}),
         **({"vae": args.vae} if getattr(args, "vae", None) else {}),
+        **({"textual_inversions": args.textual_inversion} if getattr(args, "textual_inversion", None) else {}),
+        allow_pickle=getattr(args, "allow_pickle", False),
     )
     return 0
