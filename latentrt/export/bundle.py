@@ -19,6 +19,7 @@ from ..manifest import Manifest, write_json_atomic
 from .onnx_export import ExportOptions, export_component
 from .precision import parse_component_precisions
 from .recipes import detect_kind, vae_tile_constants
+from .single_file import is_single_file, load_single_file
 from .scheduler_files import write_scheduler_configs
 
 
@@ -146,6 +147,7 @@ def export_bundle(
     trace_size: int | None = None,
     textual_inversions=None,
     allow_pickle: bool = False,
+    config: str | None = None,
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
@@ -157,6 +159,9 @@ def export_bundle(
     ``textual_inversions``: embedding files, each ``"FILE[:TOKEN]"``, whose tokens are added to the
     tokenizer(s) and text encoder(s) (see :mod:`latentrt.export.textual_inversion`; pickled ``.pt`` files
     only with ``allow_pickle``).
+    ``src`` may be a single-file checkpoint (``.safetensors``; ``.ckpt`` only with ``allow_pickle``), loaded
+    with diffusers' ``from_single_file`` and ``config`` (a diffusers folder or hub id; see
+    :mod:`latentrt.export.single_file`).
     ``tiny_vae`` (hub id, local folder or ``AutoencoderTiny``) adds TAESD as ``tiny_vae_decoder`` /
     ``tiny_vae_encoder`` (see :mod:`latentrt.export.tiny_vae`).
 
@@ -179,7 +184,10 @@ def export_bundle(
         raise ValueError(f"trace_size must be an image size in pixels (e.g. 256); got {trace_size!r}")
     t0 = time.perf_counter()
     pipe_given = pipe is not None
-    if pipe is None:
+    if pipe is None and is_single_file(src):  # one original-layout checkpoint (latentrt.export.single_file)
+        progress(f"loading the single-file checkpoint {src}")
+        pipe, source = load_single_file(src, config=config, allow_pickle=allow_pickle)
+    elif pipe is None:
         progress(f"loading {src}" + (" (each component in its export precision)" if low_memory else ""))
         pipe, source = load_pipeline(src, revision=revision,
                                      dtype=load_dtypes(precision, overrides) if low_memory else None)
