@@ -170,3 +170,20 @@ def test_cli_vae_tiling(sd, tmp_path):
                 output_type="np").images[0]
     assert float(np.abs(tiled - want).max()) <= 1 / 255 + 1e-6  # the PNG's 8-bit rounding
     assert float(np.abs(generate(tmp_path / "plain") - tiled).max()) > 1 / 255
+
+
+def test_upscaler_tiles_big_outputs_by_itself(tmp_path, monkeypatch):
+    from latentrt.export.bundle import export_bundle
+    from latentrt.export.tiny import tiny_upscaler_pipeline
+    from latentrt.runtime.pipelines import upscale
+
+    export_bundle(None, tmp_path / "up", pipe=tiny_upscaler_pipeline(0), check=False, progress=lambda *_: None)
+    ours = latentrt.load(tmp_path / "up")
+    low = _latents((1, 4, 8, 8), 4)  # -> 16x16 output latents: 128x128 pixels, tiles of 64
+    kw = dict(image=low, prompt="a cat", num_inference_steps=2, generator=0, output_type="np")
+    untiled = ours(**kw).images  # 128x128 is far below AUTO_TILING_PIXELS
+    tiled = ours(vae_tiling=True, **kw).images
+    assert float(np.abs(tiled - untiled).max()) > 1e-3
+    monkeypatch.setattr(upscale, "AUTO_TILING_PIXELS", 64 * 64)
+    assert np.array_equal(ours(**kw).images, tiled)
+    assert np.array_equal(ours(vae_tiling=False, **kw).images, untiled)  # the call's choice wins

@@ -31,6 +31,10 @@ from ..schedulers.base import f32, log32
 from .base import BasePipeline, PipelineOutput
 from .guidance import apply_guidance, do_classifier_free_guidance, negative_prompt_list
 
+#: outputs with more pixels than this are decoded with VAE tiling unless the call sets vae_tiling (an
+#: untiled SD VAE decode of 2048x2048 needs many GiB: its mid-block attention alone is 65536 x 65536)
+AUTO_TILING_PIXELS = 1024 * 1024
+
 logger = logging.getLogger("latentrt")
 
 
@@ -246,7 +250,8 @@ class LatentUpscalePipeline(BasePipeline):
         """Upscale ``image`` (SD latents or an image) 2x, guided by ``prompt`` (diffusers' defaults:
         75 steps, guidance 9). ``latents`` is the initial noise at the output size, as in diffusers.
         ``prompt_embeds`` (the text encoder's last hidden state *before* its final layer norm) come
-        with ``pooled_prompt_embeds``; the same for the negative pair."""
+        with ``pooled_prompt_embeds``; the same for the negative pair. Outputs above
+        ``AUTO_TILING_PIXELS`` (1024 x 1024) are decoded with VAE tiling unless ``vae_tiling`` says otherwise."""
         self.start_call()
         self.set_vae_options(vae_tiling, vae_slicing)
         if output_type not in ("pil", "np", "latent"):
@@ -280,6 +285,8 @@ class LatentUpscalePipeline(BasePipeline):
             if latents.shape != shape:
                 raise ValueError(f"latents (the initial noise) have shape {latents.shape}; expected {shape}")
         latents = latents * np.float32(plan.init_noise_sigma)
+        f = self.vae_scale_factor
+        self.tile_above(shape[2] * f * shape[3] * f, AUTO_TILING_PIXELS, vae_tiling, vae_slicing)
         latents = self.denoise(sched, plan, latents, image_cond, hidden, timestep_cond, guidance_scale if do_cfg
                                else None, rng, callback_on_step_end, callback)
         return self.end_call(self.finish(latents, output_type))

@@ -72,6 +72,15 @@ class VaeTiling:
             opts = replace(opts, tiles=self.tile_config())  # a clear error now for bundles without tile sizes
         _this_thread()[self] = opts
 
+    def tile_above(self, pixels: int, limit: int, tiling: bool | None, slicing: bool | None) -> bool:
+        """Turn tiling on for this call when its output has more than ``limit`` pixels, the call did not set
+        ``vae_tiling`` and the bundle records tile sizes (older bundles decode whole). True when it did."""
+        keys = ("vae_tile_sample_min_size", "vae_tile_latent_min_size")
+        if tiling is not None or self.vae_options().tiling or pixels <= limit or not all(k in self.constants for k in keys):
+            return False
+        self.set_vae_options(True, slicing)
+        return True
+
     def vae_options(self) -> VaeOptions:
         return _this_thread().get(self, self.vae_defaults)
 
