@@ -15,6 +15,24 @@ COMMANDS += ["bench", "report"]  # benchmarks (issue 7)
 COMMANDS += ["upscale"]  # latent x2 upscaler (issue 4)
 
 
+#: what ``latentrt --help`` says the command is (the module docstring is for developers)
+DESCRIPTION = ("Export Stable Diffusion-family pipelines from diffusers to ONNX bundles and run them with a "
+               "torch-free runtime.")
+
+
+class _Subcommands:
+    """The subparsers action, giving each subcommand's ``--help`` its one-line ``help`` as a description."""
+
+    def __init__(self, action):
+        self._action = action
+
+    def add_parser(self, name, **kwargs):
+        text = kwargs.get("help")
+        if text and "description" not in kwargs:
+            kwargs["description"] = text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
+        return self._action.add_parser(name, **kwargs)
+
+
 class UserError(Exception):
     """A problem the user can fix; printed as one line, no traceback."""
 
@@ -36,12 +54,12 @@ def _known_errors():
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="latentrt", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="latentrt", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"latentrt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"latentrt.commands.{name.replace('-', '_')}").register(sub)
+        importlib.import_module(f"latentrt.commands.{name.replace('-', '_')}").register(_Subcommands(sub))
     return parser
 
 

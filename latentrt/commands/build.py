@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("build", help="build TensorRT engines for a bundle from a shape/precision profile")
-    p.add_argument("bundle")
+    p.add_argument("bundle", help="a bundle folder written by `latentrt export`")
     p.add_argument("--profile", required=True, help="a packaged profile name (`latentrt profiles`) or a .toml path")
     p.add_argument("--components", help="comma-separated components to build (default: all)")
     p.add_argument("--force", action="store_true", help="rebuild engines that are up to date")

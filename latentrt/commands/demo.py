@@ -13,9 +13,9 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser("demo", help="tiny end-to-end run: build a tiny model, export, generate, time it")
     p.add_argument("-o", "--output", default="demo-out", help="working folder (default demo-out)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="bundle precision (default fp32)")
+    p.add_argument("--steps", type=int, default=4, help="num_inference_steps (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=run)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export a diffusers pipeline (hub id or local folder) to a bundle")
-    p.add_argument("src", help="hub id (owner/name) or a local diffusers folder written by save_pretrained")
+    p.add_argument("src", help="hub id (owner/name), a local diffusers folder written by save_pretrained, or a "
+                               "single-file checkpoint (.safetensors; .ckpt with --allow-pickle)")
     p.add_argument("-o", "--output", required=True, help="bundle folder to create")
     p.add_argument("--precision", choices=["fp32", "fp16"], default=None,
                    help="precision of every component (default fp32, or the --profile's)")
@@ -37,6 +38,14 @@ def register(sub) -> None:
     p.add_argument("--tiny-vae", metavar="SRC",
                    help="also export a TAESD AutoencoderTiny (hub id such as madebyollin/taesd, or a local folder) "
                         "as an alternative VAE, used with `generate --tiny-vae` / pipe(..., vae='tiny')")
+    p.add_argument("--textual-inversion", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="add a textual-inversion embedding (diffusers learned_embeds, A1111 .pt/.safetensors, SDXL "
+                        "clip_l/clip_g .safetensors) as TOKEN (default: the file's own token or its name); repeatable")
+    p.add_argument("--config", metavar="DIFFUSERS_FOLDER_OR_ID",
+                   help="for a single-file SRC: the diffusers pipeline (local folder or hub id) whose configs and "
+                        "tokenizer describe it; a local folder needs no hub access")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickled files (.pt, .bin, .ckpt), which can run code: only for files you trust")
     p.set_defaults(func=run)
 
 
@@ -64,5 +73,8 @@ def run(args) -> int:
         **({"tiny_vae": args.tiny_vae} if getattr(args, "tiny_vae", None) else {}),
         **({"loras": args.lora} if getattr(args, "lora", None) else {}),
         **({"vae": args.vae} if getattr(args, "vae", None) else {}),
+        **({"textual_inversions": args.textual_inversion} if getattr(args, "textual_inversion", None) else {}),
+        allow_pickle=getattr(args, "allow_pickle", False),
+        **({"config": args.config} if getattr(args, "config", None) else {}),
     )
     return 0

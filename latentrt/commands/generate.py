@@ -17,6 +17,15 @@ def add_runtime_args(p) -> None:
     p.add_argument("--threads", type=int, help="intra-op threads (default: the CPUs available)")
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. precision=bf16 for openvino (repeatable)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode (and encode) with the VAE in overlapping tiles, as diffusers' enable_vae_tiling: "
+                        "bounded memory for big images (the image differs slightly at the seams)")
+    p.add_argument("--vae-slicing", action="store_true", help="run the VAE on one image of the batch at a time")
+
+
+def vae_kwargs(args) -> dict:
+    """The call arguments of --vae-tiling / --vae-slicing (only when given: the pipeline's defaults otherwise)."""
+    return {f"vae_{k}": True for k in ("tiling", "slicing") if getattr(args, f"vae_{k}", False)}
 
 
 def _option_value(text: str):
@@ -39,22 +48,22 @@ def engine_options(args) -> dict:
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate images from a bundle")
-    p.add_argument("bundle")
-    p.add_argument("prompt")
+    p.add_argument("bundle", help="a bundle folder written by `latentrt export`")
+    p.add_argument("prompt", help="what the image should show")
     p.add_argument("--image", help="input image for image-to-image")
     p.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1] (default 0.8)")
     p.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's, 4 for LCM, 50 for SD)")
     p.add_argument("--guidance", type=float,
                    help="guidance_scale (default: the pipeline's, 8.5 for LCM, 7.5 for SD; <= 1 turns CFG off)")
-    p.add_argument("--negative-prompt")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--negative-prompt", help="what the image should not show (used with guidance > 1)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the bundle's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the bundle's)")
     p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--scheduler", help="diffusers scheduler class name to use instead of the bundle's")
-    p.add_argument("--clip-skip", type=int)
+    p.add_argument("--clip-skip", type=int, help="use the text encoder's hidden state this many layers from the end")
     p.add_argument("-o", "--output", default="latentrt-out", help="output folder (default latentrt-out)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tiny-vae", action="store_true", help="decode (and encode) with the bundle's TAESD instead of the full VAE")
     p.add_argument("--upscale", metavar="UPSCALER_BUNDLE",
                    help="upscale 2x with a latent upscaler bundle, handing it the latents (no decode in between)")
@@ -71,6 +80,7 @@ def call_kwargs(args) -> dict:
               scheduler=args.scheduler, vae="tiny" if getattr(args, "tiny_vae", False) else None)
     if args.negative_prompt is not None:
         kw["negative_prompt"] = args.negative_prompt
+    kw.update(vae_kwargs(args))
     return {k: v for k, v in kw.items() if v is not None}
 
 

@@ -7,7 +7,7 @@ import json
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="show what a bundle holds (components, shapes, precision, parity, engines)")
-    p.add_argument("bundle")
+    p.add_argument("bundle", help="a bundle folder written by `latentrt export`")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.add_argument("--verify", action="store_true", help="also check every file's sha256")
     p.set_defaults(func=run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .generate import add_runtime_args, engine_options, print_timings, progress_callback, save_images
+from .generate import add_runtime_args, engine_options, print_timings, progress_callback, save_images, vae_kwargs
 
 DEFAULT_STEPS = 20  # the diffusers example's choice (the pipeline's own default is 75)
 DEFAULT_GUIDANCE = 9.0  # the diffusers pipeline's default
@@ -20,13 +20,13 @@ def register(sub) -> None:
     p.add_argument("bundle", help="a bundle exported from a StableDiffusionLatentUpscalePipeline")
     p.add_argument("image", help="input image (PNG, JPEG, ...); sides must be multiples of the bundle's size_multiple")
     p.add_argument("--prompt", default="", help="what the image shows (default: empty)")
-    p.add_argument("--negative-prompt")
+    p.add_argument("--negative-prompt", help="what the image should not show")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"num_inference_steps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                    help=f"guidance_scale (default {DEFAULT_GUIDANCE}; 0 ignores the prompt)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("-o", "--output", default="latentrt-out", help="output folder (default latentrt-out)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_args(p)
     p.set_defaults(func=run)
 
@@ -54,7 +54,7 @@ def upscale_chain(pipe, args, kw: dict, callback):
     from ..runtime.pipelines.upscale import chain
 
     upscaler = load_upscaler(args.upscale, args)
-    up_kw = upscale_kwargs(args.upscale_steps, args.upscale_guidance, args.negative_prompt)
+    up_kw = {**upscale_kwargs(args.upscale_steps, args.upscale_guidance, args.negative_prompt), **vae_kwargs(args)}
     gen_kw = {k: v for k, v in kw.items() if k != "generator"}
     return chain(pipe, upscaler, args.prompt, generator=args.seed, output_type="pil", upscale_kwargs=up_kw,
                  callback=callback, **gen_kw)
@@ -67,7 +67,7 @@ def run(args) -> int:
         raise ValueError(f"--steps must be a positive number of denoising steps; got {args.steps}")
     image = load_image(args.image)  # a clear error for files that are not images
     pipe = load_upscaler(args.bundle, args)
-    kw = upscale_kwargs(args.steps, args.guidance, args.negative_prompt)
+    kw = {**upscale_kwargs(args.steps, args.guidance, args.negative_prompt), **vae_kwargs(args)}
     cb, close = progress_callback(args.steps, not args.no_progress)
     t0 = time.perf_counter()
     try:

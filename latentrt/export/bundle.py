@@ -19,7 +19,8 @@ from ..manifest import Manifest, write_json_atomic
 from .memory_facts import memory_facts
 from .onnx_export import ExportOptions, export_component
 from .precision import parse_component_precisions
-from .recipes import detect_kind
+from .recipes import detect_kind, vae_tile_constants
+from .single_file import is_single_file, load_single_file
 from .scheduler_files import write_scheduler_configs
 
 
@@ -145,6 +146,9 @@ def export_bundle(
     vae=None,
     low_memory: bool = False,
     trace_size: int | None = None,
+    textual_inversions=None,
+    allow_pickle: bool = False,
+    config: str | None = None,
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
@@ -153,6 +157,12 @@ def export_bundle(
     path or ``(source, weight)`` (see :mod:`latentrt.export.lora`); a given ``pipe`` is copied, not changed.
     ``vae`` (hub id, local folder or ``AutoencoderKL``) replaces the pipeline's VAE, e.g. the fp16-safe
     ``madebyollin/sdxl-vae-fp16-fix`` for all-fp16 SDXL bundles (see :mod:`latentrt.export.vae_swap`).
+    ``textual_inversions``: embedding files, each ``"FILE[:TOKEN]"``, whose tokens are added to the
+    tokenizer(s) and text encoder(s) (see :mod:`latentrt.export.textual_inversion`; pickled ``.pt`` files
+    only with ``allow_pickle``).
+    ``src`` may be a single-file checkpoint (``.safetensors``; ``.ckpt`` only with ``allow_pickle``), loaded
+    with diffusers' ``from_single_file`` and ``config`` (a diffusers folder or hub id; see
+    :mod:`latentrt.export.single_file`).
     ``tiny_vae`` (hub id, local folder or ``AutoencoderTiny``) adds TAESD as ``tiny_vae_decoder`` /
     ``tiny_vae_encoder`` (see :mod:`latentrt.export.tiny_vae`).
 
@@ -175,7 +185,10 @@ def export_bundle(
         raise ValueError(f"trace_size must be an image size in pixels (e.g. 256); got {trace_size!r}")
     t0 = time.perf_counter()
     pipe_given = pipe is not None
-    if pipe is None:
+    if pipe is None and is_single_file(src):  # one original-layout checkpoint (latentrt.export.single_file)
+        progress(f"loading the single-file checkpoint {src}")
+        pipe, source = load_single_file(src, config=config, allow_pickle=allow_pickle)
+    elif pipe is None:
         progress(f"loading {src}" + (" (each component in its export precision)" if low_memory else ""))
         pipe, source = load_pipeline(src, revision=revision,
                                      dtype=load_dtypes(precision, overrides) if low_memory else None)
@@ -193,14 +206,25 @@ def export_bundle(
         if pipe_given:
             pipe = copy.deepcopy(pipe)
         lora_records = fuse_loras(pipe, loras)
+    ti_records = []
+    if textual_inversions:  # new tokens and text-encoder rows (latentrt.export.textual_inversion)
+        import copy
+
+        from .textual_inversion import add_textual_inversions
+
+        if pipe_given and not loras:
+            pipe = copy.deepcopy(pipe)
+        progress(f"adding {len(textual_inversions)} textual-inversion embedding(s)")
+        ti_records = add_textual_inversions(pipe, textual_inversions, allow_pickle=allow_pickle)
     vae_source = None
     if vae is not None:  # e.g. madebyollin/sdxl-vae-fp16-fix (see latentrt.export.vae_swap)
         from .vae_swap import swap_vae
 
         progress(f"using the VAE {vae if isinstance(vae, (str, os.PathLike)) else type(vae).__name__}")
-        pipe, vae_source = swap_vae(pipe, vae, copy_pipe=pipe_given and not loras)
+        pipe, vae_source = swap_vae(pipe, vae, copy_pipe=pipe_given and not loras and not ti_records)
     recipe = detect_kind(pipe)
     constants = recipe.constants(pipe)
+    constants.update(vae_tile_constants(getattr(pipe, "vae", None)))  # VAE tiling (issue 17)
     plans = recipe.components(pipe, constants)
     tiny_source = None
     if tiny_vae is not None:
@@ -248,6 +272,8 @@ def export_bundle(
         manifest.extra["export"] = {"check": check, "trace_size": [dh, dw], "low_memory": bool(low_memory)}
         if lora_records:
             manifest.extra["loras"] = lora_records
+        if ti_records:
+            manifest.extra["textual_inversion"] = ti_records
         if recipe_extra:
             manifest.extra.update(recipe_extra)
         if tiny_source is not None:

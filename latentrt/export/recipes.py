@@ -40,6 +40,18 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def vae_tile_constants(vae) -> dict:
+    """The tiling attributes diffusers derives from an AutoencoderKL's config (``tile_sample_min_size`` is
+    ``sample_size``, the latent tile that over the VAE's downsampling, overlap 0.25), for
+    :mod:`latentrt.runtime.vae_tiling`; {} for VAEs without tiling."""
+    if vae is None or not hasattr(vae, "tile_latent_min_size"):
+        return {}
+    sample = vae.tile_sample_min_size
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return {"vae_tile_sample_min_size": int(sample), "vae_tile_latent_min_size": int(vae.tile_latent_min_size),
+            "vae_tile_overlap_factor": float(vae.tile_overlap_factor)}
+
+
 def sd_constants(pipe) -> dict:
     """Constants shared by the SD-family pipelines (text encoder + UNet + AutoencoderKL)."""
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer

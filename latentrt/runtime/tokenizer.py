@@ -41,6 +41,19 @@ def _token_str(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _multi_vector_tokens(added: Sequence[str]) -> dict[str, list[str]]:
+    """{token: [token, token_1, ...]} of the added tokens that have ``_1`` siblings (multi-vector embeddings)."""
+    names, out = set(added), {}
+    for t in added:
+        if f"{t}_1" in names:
+            i, parts = 1, [t]
+            while f"{t}_{i}" in names:
+                parts.append(f"{t}_{i}")
+                i += 1
+            out[t] = parts
+    return out
+
+
 def _added_token(d: dict) -> AddedToken:
     return AddedToken(
         d["content"],
@@ -99,6 +112,7 @@ class CLIPTokenizer:
             + [AddedToken(t, normalized=False, special=True) for t in specials]
         )
         self._tok = tok
+        self._multi_vector = _multi_vector_tokens([d["content"] for d in added_tokens if not d.get("special", True)])
         self.model_max_length = int(model_max_length)
         self.bos_token_id = vocab[bos_token]
         self.eos_token_id = vocab[eos_token]
@@ -143,6 +157,16 @@ class CLIPTokenizer:
             added_tokens=added,
         )
 
+    def expand_multi_vector(self, text: str) -> str:
+        """diffusers' ``maybe_convert_prompt``: a textual-inversion token of several vectors ``<t>`` (added
+        as ``<t>``, ``<t>_1``, ...) is spelled out as all of them wherever the prompt has it."""
+        if not self._multi_vector:
+            return text
+        for token in set(self._tok.encode(text, add_special_tokens=False).tokens):
+            if token in self._multi_vector:
+                text = text.replace(token, " ".join(self._multi_vector[token]))
+        return text
+
     def _encode(self, texts: str | Sequence[str]) -> list[list[int]]:
         if isinstance(texts, str):
             texts = [texts]
@@ -152,6 +176,7 @@ class CLIPTokenizer:
             except UnicodeEncodeError as e:  # lone surrogates, e.g. from bytes decoded with errors="surrogateescape"
                 raise ValueError(f"prompt {t[:60]!r} is not valid Unicode text ({e.reason} at position {e.start}); "
                                  "decode it with errors='replace'") from None
+        texts = [self.expand_multi_vector(t) for t in texts]
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def __call__(

@@ -21,6 +21,7 @@ from ..image import postprocess, to_nchw
 from ..random import NoiseSource, randn
 from ..schedulers import Scheduler, get_scheduler, undecidable_keys
 from ..timing import StageTimer
+from .vae_options import VaeTiling
 
 logger = logging.getLogger("latentrt")
 
@@ -35,7 +36,7 @@ class PipelineOutput:
         yield self.images
 
 
-class BasePipeline:
+class BasePipeline(VaeTiling):
     #: components the pipeline cannot run without / uses when present
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
@@ -200,11 +201,11 @@ class BasePipeline:
                 raise ValueError(f"{self.bundle.path}: image-to-image with vae='tiny' needs tiny_vae_encoder, which "
                                  "this bundle lacks; use vae='full' or re-export with --tiny-vae")
             pixels = to_nchw(image, vae_scale_factor=self.vae_scale_factor)
-            init = np.asarray(self.run("tiny_vae_encoder", sample=pixels)["latents"], np.float32) * self.vae_scaling()
+            init = self.run_vae("tiny_vae_encoder", pixels, "encode", "sample", "latents") * self.vae_scaling()
         else:
             pixels = to_nchw(image, vae_scale_factor=self.vae_scale_factor)
-            params = self.run("vae_encoder", sample=pixels)["latent_parameters"]
-            init = self.sample_latent_dist(np.asarray(params, np.float32), rng) * float(self.constants["vae_scaling_factor"])
+            params = self.run_vae("vae_encoder", pixels, "encode", "sample", "latent_parameters")
+            init = self.sample_latent_dist(params, rng) * float(self.constants["vae_scaling_factor"])
         n = init.shape[0]
         if batch_size % n:
             raise ValueError(f"cannot repeat {n} input images to a batch of {batch_size}; pass 1 or {batch_size} images")
@@ -248,7 +249,7 @@ class BasePipeline:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         decoder = self.VAE_COMPONENTS[self.vae_choice][0]
-        return np.asarray(self.run(decoder, latent_sample=latents / self.vae_scaling())["sample"], dtype=np.float32)
+        return self.run_vae(decoder, latents / self.vae_scaling(), "decode", "latent_sample", "sample")
 
     @staticmethod
     def check_output_type(output_type: str) -> None:
@@ -266,17 +267,20 @@ class BasePipeline:
     def start_call(self) -> None:
         self.timer = StageTimer()
         self.vae_choice = "full"
+        self.set_vae_options()  # the pipeline's VAE tiling / slicing defaults (select_vae may override them)
 
     #: per VAE choice: (decoder, encoder) component names
     VAE_COMPONENTS = {"full": ("vae_decoder", "vae_encoder"), "tiny": ("tiny_vae_decoder", "tiny_vae_encoder")}
 
-    def select_vae(self, vae: str | None) -> None:
+    def select_vae(self, vae: str | None, tiling: bool | None = None, slicing: bool | None = None) -> None:
         """Use the full VAE (``"full"``, default) or the bundle's TAESD (``"tiny"``) for this call's
         ``decode`` / ``encode_image``. Tiny engines are created on first use, so bundles that carry
-        TAESD cost nothing extra when it is not used."""
+        TAESD cost nothing extra when it is not used. ``tiling`` / ``slicing``: the call's
+        ``vae_tiling`` / ``vae_slicing`` (None: the pipeline's default, see :mod:`.vae_options`)."""
         vae = "full" if vae is None else vae
         if not isinstance(vae, str) or vae not in self.VAE_COMPONENTS:
             raise ValueError(f"vae must be 'full' or 'tiny'; got {vae!r}")
+        self.set_vae_options(tiling, slicing, vae)
         if vae == "tiny":
             if not self.bundle.has("tiny_vae_decoder"):
                 raise ValueError(f"{self.bundle.path}: vae='tiny' needs a tiny VAE (TAESD), which this bundle lacks; "

@@ -15,6 +15,7 @@ import numpy as np
 from ..random import as_noise_source
 from .base import BasePipeline, PipelineOutput
 from .guidance import denoise
+from .prompts import PromptEncoder
 
 logger = logging.getLogger("latentrt")
 
@@ -32,9 +33,10 @@ def guidance_scale_embedding(w: np.ndarray, embedding_dim: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-class LCMPipeline(BasePipeline):
+class LCMPipeline(PromptEncoder, BasePipeline):
     required = ("text_encoder", "unet", "vae_decoder")
     optional = ("vae_encoder",)
+    cfg_by_default = False  # guidance enters as the UNet's timestep_cond
 
     def __call__(
         self,
@@ -59,9 +61,11 @@ class LCMPipeline(BasePipeline):
         callback: Callable | None = None,
         negative_prompt: Any = None,
         vae: str = "full",
+        vae_tiling: bool | None = None,
+        vae_slicing: bool | None = None,
     ) -> PipelineOutput:
         self.start_call()
-        self.select_vae(vae)  # "full" or "tiny" (TAESD, when the bundle has it)
+        self.select_vae(vae, vae_tiling, vae_slicing)  # "full" or "tiny" (TAESD, when the bundle has it)
         self.check_output_type(output_type)
         if negative_prompt is not None:
             logger.warning("LCM does not use classifier-free guidance: negative_prompt has no effect")

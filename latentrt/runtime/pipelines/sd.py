@@ -17,9 +17,10 @@ import numpy as np
 from ..random import as_noise_source
 from .base import BasePipeline, PipelineOutput
 from .guidance import check_strength, denoise, do_classifier_free_guidance, encode_prompt, sd_plan
+from .prompts import PromptEncoder
 
 
-class StableDiffusionPipeline(BasePipeline):
+class StableDiffusionPipeline(PromptEncoder, BasePipeline):
     required = ("text_encoder", "unet", "vae_decoder")
     optional = ("vae_encoder",)
 
@@ -53,6 +54,8 @@ class StableDiffusionPipeline(BasePipeline):
         callback_on_step_end: Callable | None = None,
         callback: Callable | None = None,
         vae: str = "full",
+        vae_tiling: bool | None = None,
+        vae_slicing: bool | None = None,
     ) -> PipelineOutput:
         """diffusers' argument names and defaults (50 steps, guidance 7.5, strength 0.8, eta 0).
 
@@ -61,7 +64,7 @@ class StableDiffusionPipeline(BasePipeline):
         ``vae``: ``"full"`` or ``"tiny"`` (the bundle's TAESD, when exported with ``--tiny-vae``).
         """
         self.start_call()
-        self.select_vae(vae)
+        self.select_vae(vae, vae_tiling, vae_slicing)
         self.check_output_type(output_type)
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")

@@ -102,12 +102,56 @@ class SDXLPipeline(BasePipeline):
         pooled = out.get("text_embeds")
         return np.asarray(stack[-(skip + 1)], np.float32), None if pooled is None else np.asarray(pooled, np.float32)
 
-    def encode_prompt(self, prompts: list[str], prompts_2: list[str], clip_skip: int | None = None):
+    def encode_text(self, prompts: list[str], prompts_2: list[str], clip_skip: int | None = None):
         """diffusers' SDXL ``encode_prompt`` for one side: (hidden states of both encoders
         concatenated on channels, pooled projected output of encoder 2)."""
         h1, _ = self._encode("text_encoder", self.tokenizer, prompts, clip_skip)
         h2, pooled = self._encode("text_encoder_2", self.tokenizer_2, prompts_2, clip_skip)
         return np.concatenate([h1, h2], axis=-1), pooled
+
+    def conditioning(self, prompts, batch: int, do_cfg: bool, *, prompt_2=None, negative_prompt=None,
+                     negative_prompt_2=None, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                     negative_pooled_prompt_embeds=None, clip_skip=None):
+        """(prompt embeds, negative embeds, pooled, negative pooled) of the prompt batch, not yet repeated
+        per image; the negatives are ``None`` without classifier-free guidance."""
+        neg = neg_pooled = None
+        if prompts is not None:
+            embeds, pooled = self.encode_text(prompts, _texts("prompt_2", prompt_2 or prompts, batch), clip_skip)
+        else:
+            embeds, pooled = np.asarray(prompt_embeds, np.float32), np.asarray(pooled_prompt_embeds, np.float32)
+        if do_cfg:
+            if negative_prompt_embeds is not None:
+                neg, neg_pooled = (np.asarray(negative_prompt_embeds, np.float32),
+                                   np.asarray(negative_pooled_prompt_embeds, np.float32))
+            elif negative_prompt is None and self.constants.get("force_zeros_for_empty_prompt", True):
+                neg, neg_pooled = np.zeros_like(embeds), np.zeros_like(pooled)
+            else:
+                negs = negative_prompt_list(negative_prompt or "", batch)
+                negs_2 = _texts("negative_prompt_2", negative_prompt_2 or negs, batch)
+                neg, neg_pooled = self.encode_text(negs, negs_2, None)  # diffusers: always hidden_states[-2]
+            if neg.shape != embeds.shape or neg_pooled.shape != pooled.shape:
+                raise ValueError(f"negative embeddings {neg.shape}/{neg_pooled.shape} do not match the prompt's "
+                                 f"{embeds.shape}/{pooled.shape}")
+        return embeds, neg, pooled, neg_pooled
+
+    def encode_prompt(self, prompt: str | list[str], prompt_2: str | list[str] | None = None,
+                      negative_prompt: str | list[str] | None = None,
+                      negative_prompt_2: str | list[str] | None = None, *, clip_skip: int | None = None,
+                      num_images_per_prompt: int = 1, do_classifier_free_guidance: bool | None = None):
+        """diffusers' SDXL ``encode_prompt``: ``(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+        negative_pooled_prompt_embeds)``, each repeated per image, for the call arguments of the same names.
+
+        The negatives (zeros without a negative prompt when the model has ``force_zeros_for_empty_prompt``)
+        are made when classifier-free guidance is on (by default, unless the UNet is an LCM's), else ``None``."""
+        prompts, batch = self.prompt_list(prompt, None)
+        if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
+        cfg = not self.time_cond_proj_dim if do_classifier_free_guidance is None else bool(do_classifier_free_guidance)
+        out = self.conditioning(prompts, batch, cfg, prompt_2=prompt_2, negative_prompt=negative_prompt,
+                                negative_prompt_2=negative_prompt_2, clip_skip=clip_skip)
+        embeds, neg, pooled, neg_pooled = (None if x is None else self.repeat_per_prompt(x, num_images_per_prompt)
+                                           for x in out)
+        return embeds, neg, pooled, neg_pooled
 
     def time_ids(self, original_size, crops_coords_top_left, third) -> np.ndarray:
         ids = [*original_size, *crops_coords_top_left, *third]
@@ -157,9 +201,11 @@ class SDXLPipeline(BasePipeline):
         callback_on_step_end: Callable | None = None,
         callback: Callable | None = None,
         vae: str = "full",
+        vae_tiling: bool | None = None,
+        vae_slicing: bool | None = None,
     ) -> PipelineOutput:
         self.start_call()
-        self.select_vae(vae)
+        self.select_vae(vae, vae_tiling, vae_slicing)
         self.check_output_type(output_type)
         img2img = image is not None
         if num_inference_steps is None:
@@ -190,23 +236,11 @@ class SDXLPipeline(BasePipeline):
         bs = batch * n
 
         # 1. text
-        if prompts is not None:
-            embeds, pooled = self.encode_prompt(prompts, _texts("prompt_2", prompt_2 or prompts, batch), clip_skip)
-        else:
-            embeds, pooled = np.asarray(prompt_embeds, np.float32), np.asarray(pooled_prompt_embeds, np.float32)
-        if do_cfg:
-            if negative_prompt_embeds is not None:
-                neg, neg_pooled = (np.asarray(negative_prompt_embeds, np.float32),
-                                   np.asarray(negative_pooled_prompt_embeds, np.float32))
-            elif negative_prompt is None and self.constants.get("force_zeros_for_empty_prompt", True):
-                neg, neg_pooled = np.zeros_like(embeds), np.zeros_like(pooled)
-            else:
-                negs = negative_prompt_list(negative_prompt or "", batch)
-                negs_2 = _texts("negative_prompt_2", negative_prompt_2 or negs, batch)
-                neg, neg_pooled = self.encode_prompt(negs, negs_2, None)  # diffusers: always hidden_states[-2]
-            if neg.shape != embeds.shape or neg_pooled.shape != pooled.shape:
-                raise ValueError(f"negative embeddings {neg.shape}/{neg_pooled.shape} do not match the prompt's "
-                                 f"{embeds.shape}/{pooled.shape}")
+        embeds, neg, pooled, neg_pooled = self.conditioning(
+            prompts, batch, do_cfg, prompt_2=prompt_2, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, clip_skip=clip_skip)
         embeds, pooled = self.repeat_per_prompt(embeds, n), self.repeat_per_prompt(pooled, n)
 
         # 2. timesteps and latents (same draw order as diffusers)

@@ -25,6 +25,7 @@ from ..random import as_noise_source, randn
 from ..schedulers import get_scheduler
 from .base import BasePipeline, PipelineOutput
 from .guidance import apply_guidance, denoise, do_classifier_free_guidance, encode_prompt
+from .prompts import PromptEncoder
 
 try:
     from PIL import Image
@@ -52,7 +53,7 @@ def _is_text(x) -> bool:
     return isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(p, str) for p in x))
 
 
-class _UnCLIPBase(BasePipeline):
+class _UnCLIPBase(PromptEncoder, BasePipeline):
     """What both unCLIP pipelines share: embedding statistics, the noising scheduler, the decoder."""
 
     def __init__(self, bundle, **kw):
@@ -196,10 +197,13 @@ class UnCLIPPipeline(_UnCLIPBase):
         prior_latents: np.ndarray | None = None,
         clip_skip: int | None = None,
         scheduler: str | None = None,
+        vae_tiling: bool | None = None,
+        vae_slicing: bool | None = None,
     ) -> PipelineOutput:
         """Text -> image. ``callback(i, t, latents)`` is called after every prior step and every UNet
         step, as diffusers does."""
         self.start_call()
+        self.set_vae_options(vae_tiling, vae_slicing)
         if prompt is None:
             raise ValueError("pass a prompt (str or list of str): the prior turns it into the image embedding")
         prompts, batch = self.prompt_list(prompt, None)
@@ -273,6 +277,8 @@ class UnCLIPImg2ImgPipeline(_UnCLIPBase):
         image_embeds: np.ndarray | None = None,
         clip_skip: int | None = None,
         scheduler: str | None = None,
+        vae_tiling: bool | None = None,
+        vae_slicing: bool | None = None,
     ) -> PipelineOutput:
         """Image variation; ``prompt`` (default "") steers it. ``image``: a PIL image, a uint8 array,
         a list of them, or CLIP ``pixel_values`` (N, 3, crop, crop); or pass ``image_embeds`` instead.
@@ -280,6 +286,7 @@ class UnCLIPImg2ImgPipeline(_UnCLIPBase):
         The prompt comes first, as in every latentrt pipeline; diffusers' order (the image first,
         ``pipe(image)``) works too: a first argument that is not text is taken as the image."""
         self.start_call()
+        self.set_vae_options(vae_tiling, vae_slicing)
         if image is None and prompt is not None and not _is_text(prompt):
             image, prompt = prompt, None
         if image is None and image_embeds is None:

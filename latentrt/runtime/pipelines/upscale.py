@@ -31,6 +31,10 @@ from ..schedulers.base import f32, log32
 from .base import BasePipeline, PipelineOutput
 from .guidance import apply_guidance, do_classifier_free_guidance, negative_prompt_list
 
+#: outputs with more pixels than this are decoded with VAE tiling unless the call sets vae_tiling (an
+#: untiled SD VAE decode of 2048x2048 needs many GiB: its mid-block attention alone is 65536 x 65536)
+AUTO_TILING_PIXELS = 1024 * 1024
+
 logger = logging.getLogger("latentrt")
 
 
@@ -142,7 +146,7 @@ class LatentUpscalePipeline(BasePipeline):
                                  "lacks; pass latents instead")
             pixels = to_nchw(value, vae_scale_factor=self.vae_scale_factor)
             self.check_size(pixels.shape[2] // self.vae_scale_factor, pixels.shape[3] // self.vae_scale_factor)
-            params = np.asarray(self.run("vae_encoder", sample=pixels)["latent_parameters"], np.float32)
+            params = self.run_vae("vae_encoder", pixels, "encode", "sample", "latent_parameters")
             low = self.sample_latent_dist(params, rng) * np.float32(self.constants["vae_scaling_factor"])
         self.check_size(low.shape[2], low.shape[3])
         n = low.shape[0]
@@ -206,6 +210,21 @@ class LatentUpscalePipeline(BasePipeline):
             neg_hidden, neg_pooled = self.encode_text(negative_prompt_list(negative_prompt, len(prompts)))
         return np.concatenate([neg_hidden, hidden], axis=0), np.concatenate([neg_pooled, pooled], axis=0)
 
+    def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                      do_classifier_free_guidance: bool = True):
+        """diffusers' ``encode_prompt`` of the latent upscaler: ``(prompt_embeds, negative_prompt_embeds,
+        pooled_prompt_embeds, negative_pooled_prompt_embeds)`` for the call arguments of the same names
+        (the negatives ``None`` without classifier-free guidance). The upscaler has no
+        ``num_images_per_prompt`` or ``clip_skip``."""
+        if prompt is None:
+            raise ValueError("encode_prompt needs a prompt (str or list of str)")
+        cfg = bool(do_classifier_free_guidance)
+        hidden, pooled = self.conditioning(prompt, negative_prompt if cfg else None, 2.0 if cfg else 1.0)
+        if not cfg:
+            return hidden, None, pooled, None
+        half = hidden.shape[0] // 2
+        return hidden[half:], hidden[:half], pooled[half:], pooled[:half]
+
     # -- the call -------------------------------------------------------------------------------
     def __call__(
         self,
@@ -225,12 +244,16 @@ class LatentUpscalePipeline(BasePipeline):
         pooled_prompt_embeds: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
         negative_pooled_prompt_embeds: np.ndarray | None = None,
+        vae_tiling: bool | None = None,
+        vae_slicing: bool | None = None,
     ) -> PipelineOutput:
         """Upscale ``image`` (SD latents or an image) 2x, guided by ``prompt`` (diffusers' defaults:
         75 steps, guidance 9). ``latents`` is the initial noise at the output size, as in diffusers.
         ``prompt_embeds`` (the text encoder's last hidden state *before* its final layer norm) come
-        with ``pooled_prompt_embeds``; the same for the negative pair."""
+        with ``pooled_prompt_embeds``; the same for the negative pair. Outputs above
+        ``AUTO_TILING_PIXELS`` (1024 x 1024) are decoded with VAE tiling unless ``vae_tiling`` says otherwise."""
         self.start_call()
+        self.set_vae_options(vae_tiling, vae_slicing)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
         kind, value = self.classify_input(image)
@@ -262,6 +285,8 @@ class LatentUpscalePipeline(BasePipeline):
             if latents.shape != shape:
                 raise ValueError(f"latents (the initial noise) have shape {latents.shape}; expected {shape}")
         latents = latents * np.float32(plan.init_noise_sigma)
+        f = self.vae_scale_factor
+        self.tile_above(shape[2] * f * shape[3] * f, AUTO_TILING_PIXELS, vae_tiling, vae_slicing)
         latents = self.denoise(sched, plan, latents, image_cond, hidden, timestep_cond, guidance_scale if do_cfg
                                else None, rng, callback_on_step_end, callback)
         return self.end_call(self.finish(latents, output_type))
