@@ -104,11 +104,18 @@ def test_slicing_decodes_one_image_at_a_time(sd):
     assert calls == [1, 1, 1]
 
 
-def _counting(engine, calls):
-    def run(**inputs):
-        calls.append(next(iter(inputs.values())).shape[0])
-        return engine(**inputs)
-    return run
+class _counting:
+    """The engine, recording the batch size of each call (its specs stay visible to the runtime's checks)."""
+
+    def __init__(self, engine, calls):
+        self.engine, self.calls = engine, calls
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def __call__(self, **inputs):
+        self.calls.append(next(iter(inputs.values())).shape[0])
+        return self.engine(**inputs)
 
 
 def test_concurrent_calls_keep_their_own_choice(sd):
