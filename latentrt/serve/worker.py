@@ -169,16 +169,20 @@ class Worker:
         return self
 
     def warm_up(self) -> None:
-        """One short call (engines allocate and optimise on their first run)."""
-        self.pipe("warm-up", generator=0, output_type="np",
-                  **({"num_inference_steps": 1} if "num_inference_steps" in self.accepts else {}),
-                  **self._warm_up_input())
+        """One short call (engines allocate and optimise on their first run); a failure is logged,
+        and the requests that hit the same problem get its error."""
+        kwargs = {"num_inference_steps": 1} if "num_inference_steps" in self.accepts else {}
+        if self.kind == "latent_upscale":  # takes an image: SD latents of a small one
+            f = self.pipe.vae_scale_factor
+            kwargs["image"] = np.zeros((1, int(self.pipe.constants["latent_channels"]), 64 // f, 64 // f), np.float32)
+        elif self.kind == "unclip_img2img":
+            from PIL import Image
 
-    def _warm_up_input(self) -> dict:
-        if self.kind in BATCHABLE:
-            return {}
-        f = self.pipe.vae_scale_factor
-        return {"image": np.zeros((1, int(self.pipe.constants["latent_channels"]), 64 // f, 64 // f), np.float32)}
+            kwargs["image"] = Image.new("RGB", (64, 64), (128, 128, 128))
+        try:
+            self.pipe("warm-up", generator=0, output_type="np", **kwargs)
+        except Exception:
+            logger.exception("%s: the warm-up call failed", self.name)
 
     def check(self, job: Job) -> None:
         """The runtime's own checks of a job's arguments, before it queues (ValueError: a 400)."""
