@@ -53,22 +53,18 @@ def run(args) -> int:
     try:
         import uvicorn
 
-        from ..serve.app import Server, create_app
+        from ..serve.app import create_app, load_server
     except ImportError as e:
         print(f"error: latentrt serve needs the serve extra ({e}); pip install 'latentrt[serve]'", file=sys.stderr)
         return 2
-    import latentrt
 
-    from ..serve.worker import Worker
-
-    opts = engine_options(args)
-    workers = {}
-    for name, path in model_bundles(args.bundles).items():
-        pipe = latentrt.load(path, backend=args.backend, device=args.device, **opts)
-        workers[name] = Worker(name, pipe, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                               max_queue=args.max_queue, timeout_s=args.timeout_s or None)
-    server = Server(workers, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)))
-    app = create_app(server)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)  # "ready", "draining"
+    server = load_server(model_bundles(args.bundles), backend=args.backend, device=args.device,
+                         engine_options=engine_options(args), max_batch=args.max_batch,
+                         batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s or None,
+                         api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                         warmup=not args.no_warmup)
 
     class Graceful(uvicorn.Server):
         """SIGTERM / Ctrl-C: drain first (new work 503, in-flight work finishes), then stop."""
@@ -85,19 +81,9 @@ def run(args) -> int:
 
             threading.Thread(target=finish, daemon=True).start()
 
-    uv = Graceful(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30))
-
-    def warm():
-        for w in workers.values():
-            w.start()
-            if not args.no_warmup:
-                w.warm_up()
-        server.ready = True
-        print(f"latentrt serve: {', '.join(workers)} ready on http://{args.host}:{args.port}", flush=True)
-
-    threading.Thread(target=warm, daemon=True).start()
-    try:
-        uv.run()
-    finally:
-        server.stop()
+    print(f"latentrt serve: loading {', '.join(server.workers)}; listening on http://{args.host}:{args.port} "
+          "(/ready says when warmed up)", flush=True)
+    Graceful(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=30)).run()
+    server.stop()
     return 0

@@ -9,6 +9,7 @@ workers batch and run them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -62,6 +63,35 @@ class Server:
     def stop(self) -> None:
         for w in self.workers.values():
             w.stop()
+
+
+def load_server(bundles: dict[str, Any], *, backend: str = "onnxruntime", device: str = "cpu",
+                engine_options: dict | None = None, max_batch: int = 4, batch_wait_ms: float = 20.0,
+                max_queue: int = 32, timeout_s: float | None = None, api_key: str | None = None,
+                max_body_bytes: int = 20 << 20, warmup: bool = True) -> Server:
+    """Load ``{name: bundle path}``, start a worker per model and warm them up in the background
+    (``/ready`` answers 200 once done). What the CLI runs; a Ray Serve replica can run the same:
+    ``serve.ingress(lambda: create_app(load_server(...)))``."""
+    import threading
+
+    from .. import load
+
+    workers = {name: Worker(name, load(path, backend=backend, device=device, **(engine_options or {})),
+                            max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
+                            timeout_s=timeout_s)
+               for name, path in bundles.items()}
+    server = Server(workers, api_key=api_key, max_body_bytes=max_body_bytes)
+
+    def start():
+        for w in workers.values():
+            w.start()
+            if warmup:
+                w.warm_up()
+        server.ready = True
+        logger.info("ready: %s", ", ".join(workers))
+
+    threading.Thread(target=start, name="latentrt-warm-up", daemon=True).start()
+    return server
 
 
 class Gate:
@@ -154,7 +184,12 @@ def create_app(server: Server):
     from . import api_a1111, api_openai
     from .preview import latent_preview, png_b64
 
-    app = FastAPI(title="latentrt serve", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.stop()  # after the last response: the workers' threads end
+
+    app = FastAPI(title="latentrt serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = server
 
     @app.exception_handler(ServeError)
