@@ -3,30 +3,33 @@ serving the tiny bundles (LCM from tests/conftest.py, a tiny SD and the tiny ups
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from serve_helpers import ServerProcess
 
 
-@pytest.fixture(scope="session")
-def sd_serve_bundle(tmp_path_factory):
+def _tiny_bundle(tmp_path_factory, name: str, save) -> Path:
     from latentrt.export.bundle import export_bundle
-    from latentrt.export.tiny import save_tiny_sd
 
-    root = tmp_path_factory.mktemp("serve-sd")
-    save_tiny_sd(root / "model")
+    root = tmp_path_factory.mktemp(name)
+    save(root / "model")
     export_bundle(root / "model", root / "bundle", check=False, progress=lambda *_: None)
     return root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def sd_serve_bundle(tmp_path_factory):
+    from latentrt.export.tiny import save_tiny_sd
+
+    return _tiny_bundle(tmp_path_factory, "serve-sd", save_tiny_sd)
 
 
 @pytest.fixture(scope="session")
 def upscaler_serve_bundle(tmp_path_factory):
-    from latentrt.export.bundle import export_bundle
     from latentrt.export.tiny import save_tiny_upscaler
 
-    root = tmp_path_factory.mktemp("serve-upscaler")
-    save_tiny_upscaler(root / "model")
-    export_bundle(root / "model", root / "bundle", check=False, progress=lambda *_: None)
-    return root / "bundle"
+    return _tiny_bundle(tmp_path_factory, "serve-upscaler", save_tiny_upscaler)
 
 
 @pytest.fixture(scope="session")

@@ -180,3 +180,15 @@ def test_sigterm_drains_in_flight_work_and_refuses_new_work(lcm_bundle):
         assert s.proc.wait(60) == 0
     finally:
         s.kill()
+
+
+def test_a1111_interrupt_stops_the_running_request(server):
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", _post(server.url, "/sdapi/v1/txt2img", {
+        "prompt": "interrupt me", "width": 256, "height": 256, "steps": 30})))
+    t.start()
+    _wait(lambda: _running_step(server.url) >= 1, what="the request to start")
+    assert httpx.post(server.url + "/sdapi/v1/interrupt").json()["interrupted"] == 1
+    t.join(60)
+    assert out["r"].status_code == 409 and "interrupted" in out["r"].json()["detail"]
+    _wait(lambda: _running_step(server.url) == 0, what="the worker to go idle")
