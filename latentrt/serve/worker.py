@@ -404,7 +404,11 @@ class Worker:
             for j, a, b in zip(jobs, rows, rows[1:]):
                 j.step = i + 1
                 if j.on_step is not None:
-                    j.on_step(i + 1, steps, latents[a:b])
+                    try:
+                        j.on_step(i + 1, steps, latents[a:b])
+                    except Exception:  # a listener's problem (its client went away) is not the batch's
+                        logger.exception("%s: on_step of a request failed; its previews stop", self.name)
+                        j.on_step = None
             return tensors
 
         return hook
