@@ -19,7 +19,7 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from .errors import BadRequest, BodyTooLarge, NotSupported, ServeError, Unauthorized, UnknownModel
+from .errors import BadRequest, BodyTooLarge, NotSupported, ServeError, Unauthorized, UnknownModel, status_of
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .worker import Job, Worker
 
@@ -192,22 +192,13 @@ def create_app(server: Server):
     app = FastAPI(title="latentrt serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = server
 
-    @app.exception_handler(ServeError)
-    async def _serve_error(request: Request, exc: ServeError):
+    async def error(request: Request, exc: Exception):  # ServeError: its status; the runtime's checks: 400
+        if status_of(exc)[0] == 500:
+            logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _error_response_for(request.url.path)(exc)
 
-    @app.exception_handler(ValueError)
-    async def _value_error(request: Request, exc: ValueError):  # the runtime's argument checks
-        return _error_response_for(request.url.path)(exc)
-
-    @app.exception_handler(TypeError)
-    async def _type_error(request: Request, exc: TypeError):
-        return _error_response_for(request.url.path)(exc)
-
-    def submit(model: str | None, job: Job) -> Worker:
-        worker = server.worker(model)
-        worker.submit(job)
-        return worker
+    for exc_type in (ServeError, ValueError, TypeError, Exception):
+        app.add_exception_handler(exc_type, error)
 
     # -- operations ---------------------------------------------------------------------------------
     @app.get("/health")
