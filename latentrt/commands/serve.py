@@ -70,7 +70,10 @@ def run(args) -> int:
         """SIGTERM / Ctrl-C: drain first (new work 503, in-flight work finishes), then stop."""
 
         def handle_exit(self, sig, frame):
-            if server.draining:  # a second signal: stop now
+            if server.draining:  # a second signal: stop the running work between steps, then exit
+                for w in server.workers.values():
+                    w.interrupt()
+                self.force_exit = True
                 return super().handle_exit(sig, frame)
             logger.warning("draining: finishing in-flight work (up to %g s), refusing new work", args.drain_s)
             server.drain()
