@@ -212,6 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--start-timeout-s", type=float, default=600.0)
     p.add_argument("--json", help="write the rows as JSON here")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the servers (finally below)
     if not args.bundle and not args.url:
         p.error("pass --bundle (servers are started) or --url (a running server)")
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -233,11 +234,12 @@ def main(argv=None) -> int:
                     print("  PROBLEM", msg, flush=True)
         finally:
             if proc is not None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)  # drains: nothing is in flight after a level
                 try:
-                    proc.wait(120)
+                    proc.wait(60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                    proc.wait()
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
