@@ -192,3 +192,17 @@ def test_a1111_interrupt_stops_the_running_request(server):
     t.join(60)
     assert out["r"].status_code == 409 and "interrupted" in out["r"].json()["detail"]
     _wait(lambda: _running_step(server.url) == 0, what="the worker to go idle")
+
+
+def test_a_stream_whose_client_leaves_is_cancelled(server):
+    before = server.metric("latentrt_cancel_steps_after_count", model="lcm")
+    sock = _send_raw(server.url, {**SLOW, "seed": 40, "model": "lcm", "stream": True, "partial_images": 3})
+    seen = b""
+    while b"image_generation.partial_image" not in seen:  # the first preview arrived: the run is under way
+        chunk = sock.recv(65536)
+        assert chunk, "the stream ended before its first preview"
+        seen += chunk
+    sock.close()
+    _wait(lambda: server.metric("latentrt_cancel_steps_after_count", model="lcm") == before + 1,
+          what="the stream's cancel to be recorded")
+    _wait(lambda: _running_step(server.url) == 0, what="the worker to go idle")
