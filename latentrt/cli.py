@@ -13,6 +13,7 @@ COMMANDS = ["export", "generate", "info", "demo"]
 COMMANDS += ["profiles", "build", "check"]  # GPU engines (issue 6)
 COMMANDS += ["bench", "report"]  # benchmarks (issue 7)
 COMMANDS += ["upscale"]  # latent x2 upscaler (issue 4)
+COMMANDS += ["serve"]  # HTTP server (issue 14)
 
 
 #: what ``latentrt --help`` says the command is (the module docstring is for developers)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,7 @@ class OpenVINOEngine(Engine):
                 "re-export the bundle, or use backend='onnxruntime'"
             ) from None
         self._request = self.compiled.create_infer_request()
+        self._request_lock = threading.Lock()  # one infer request: concurrent pipeline calls take turns
         # outputs by position: the ONNX frontend keeps the graph's output order and names
         self._output_names = [o.name for o in self.outputs]
         if len(self.compiled.outputs) != len(self._output_names):
@@ -168,8 +170,9 @@ class OpenVINOEngine(Engine):
             )
 
     def run(self, arrays):
-        self._request.infer(arrays, share_inputs=True)
-        return {
-            n: np.array(self._request.get_output_tensor(i).data, copy=True)
-            for i, n in enumerate(self._output_names)
-        }
+        with self._request_lock:
+            self._request.infer(arrays, share_inputs=True)
+            return {
+                n: np.array(self._request.get_output_tensor(i).data, copy=True)
+                for i, n in enumerate(self._output_names)
+            }

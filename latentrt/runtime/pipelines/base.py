@@ -8,6 +8,7 @@ cast at their boundary).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,21 @@ class PipelineOutput:
 
     def __iter__(self):  # `images, = pipe(...)` style unpacking, like return_dict=False in diffusers
         yield self.images
+
+
+class CallState(threading.local):
+    """What one pipeline call owns: its stage timer and VAE choice (and the timings of the thread's
+    last call). Each thread sees its own, so one pipeline object serves concurrent calls (the
+    server's worker threads) without mixing their timings or VAEs."""
+
+    def __init__(self):
+        self.timer = StageTimer()
+        self.vae_choice = "full"  # "full" | "tiny" (TAESD), chosen per call by select_vae
+        self.last_timings: dict[str, list[float]] = {}
+
+
+def _call_attribute(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self._call, name), lambda self, v: setattr(self._call, name, v), doc=doc)
 
 
 class BasePipeline(VaeTiling):
@@ -68,14 +84,18 @@ class BasePipeline(VaeTiling):
         names = [c for c in (*self.required, *self.optional) if bundle.has(c)]
         self.engines = {c: bundle.engine(c, backend, device, **engine_options) for c in names}
         self._engine_options = dict(engine_options)  # for engines created later (the tiny VAE)
-        self.vae_choice = "full"  # "full" | "tiny" (TAESD), chosen per call by select_vae
+        self._engines_lock = threading.Lock()
+        self._call = CallState()
         self.tokenizer = bundle.tokenizer() if bundle.has("text_encoder") else None
         self.scheduler_config = bundle.scheduler_config()
         self.scheduler: Scheduler = get_scheduler(self.scheduler_config)
         self.constants = bundle.constants
         self.vae_scale_factor = int(self.constants.get("vae_scale_factor", 8))
-        self.timer = StageTimer()
-        self.last_timings: dict[str, list[float]] = {}
+
+    # per-call state (see CallState): attributes of the calling thread's call, not of the object
+    timer = _call_attribute("timer", "the running call's StageTimer")
+    vae_choice = _call_attribute("vae_choice", "the running call's VAE: 'full' or 'tiny'")
+    last_timings = _call_attribute("last_timings", "stage timings of this thread's last finished call")
 
     # -- helpers -------------------------------------------------------------------------------
     def run(self, component: str, **inputs) -> dict[str, Any]:
@@ -285,9 +305,10 @@ class BasePipeline(VaeTiling):
             if not self.bundle.has("tiny_vae_decoder"):
                 raise ValueError(f"{self.bundle.path}: vae='tiny' needs a tiny VAE (TAESD), which this bundle lacks; "
                                  "re-export it with `latentrt export SRC -o BUNDLE --tiny-vae madebyollin/taesd`")
-            for c in self.VAE_COMPONENTS["tiny"]:
-                if c not in self.engines and self.bundle.has(c):
-                    self.engines[c] = self.bundle.engine(c, self.backend, self.device, **self._engine_options)
+            with self._engines_lock:  # concurrent first calls create each engine once
+                for c in self.VAE_COMPONENTS["tiny"]:
+                    if c not in self.engines and self.bundle.has(c):
+                        self.engines[c] = self.bundle.engine(c, self.backend, self.device, **self._engine_options)
         self.vae_choice = vae
 
     def vae_scaling(self) -> float:

@@ -37,6 +37,18 @@ class LCMPipeline(PromptEncoder, BasePipeline):
     required = ("text_encoder", "unet", "vae_decoder")
     optional = ("vae_encoder",)
     cfg_by_default = False  # guidance enters as the UNet's timestep_cond
+    #: guidance enters the UNet per image (its embedding), so one batch may mix guidance scales
+    per_image_guidance = True
+
+    @staticmethod
+    def per_image_w(guidance_scale, batch: int) -> np.ndarray:
+        """``w = guidance_scale - 1`` per image: one scale for all, or a list of one per image."""
+        g = np.asarray(guidance_scale, dtype=np.float64)
+        if g.ndim == 0:
+            g = np.full(batch, float(g))
+        if g.shape != (batch,):
+            raise ValueError(f"guidance_scale must be a number or a list of one per image ({batch}); got {guidance_scale!r}")
+        return (g - 1.0).astype(np.float32)
 
     def __call__(
         self,
@@ -48,7 +60,7 @@ class LCMPipeline(PromptEncoder, BasePipeline):
         num_inference_steps: int = 4,
         original_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
-        guidance_scale: float = 8.5,
+        guidance_scale: float | list[float] = 8.5,
         num_images_per_prompt: int = 1,
         generator: Any = None,
         latents: np.ndarray | None = None,
@@ -94,8 +106,7 @@ class LCMPipeline(PromptEncoder, BasePipeline):
         else:
             latents = self.initial_latents(plan, bs, height, width, rng, latents)
 
-        w_embedding = guidance_scale_embedding(np.full(bs, guidance_scale - 1.0, dtype=np.float32),
-                                               int(self.constants["time_cond_proj_dim"]))
+        w_embedding = guidance_scale_embedding(self.per_image_w(guidance_scale, bs), int(self.constants["time_cond_proj_dim"]))
         # no batch doubling: guidance enters only through the UNet's guidance embedding
         _, denoised = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=1.0,
                               unet_inputs={"timestep_cond": w_embedding}, return_denoised=True,
