@@ -135,7 +135,10 @@ class LatentrtReplica:
             self._check_workers()
         if self.multiplex:
             self.server.current = first
-            self._lru = serve.multiplexed(max_num_models_per_replica=self.multiplex)(self._load_model)
+            async def load(name: str) -> _Loaded:  # a plain function: serve.multiplexed keeps its LRU on it
+                return await self._load_model(name)
+
+            self._lru = serve.multiplexed(max_num_models_per_replica=self.multiplex)(load)
             await self._lru(first)  # the first model counts towards the bound like any other
         logger.info("replica %s ready: %s", self.replica, ", ".join(self.server.workers))
 

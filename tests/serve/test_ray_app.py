@@ -120,3 +120,24 @@ def test_a_killed_replica_loses_no_request_and_is_replaced(cluster):
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda s: _generate(cluster, s, steps=4), range(8)))
     assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers if r.status_code != 200]
+
+
+def test_multiplexed_replica_keeps_at_most_k_models(cluster, lcm_bundle, sd_serve_bundle):
+    from latentrt.serve.ray_app import ray_app
+
+    app = ray_app({"lcm": str(lcm_bundle), "sd": str(sd_serve_bundle)}, multiplex=1, num_cpus=0, threads=1,
+                  name="Multiplexed")
+    serve.run(app, name="multi", route_prefix="/multi")
+    url = cluster + "/multi"
+    try:
+        for model in ("lcm", "sd", "lcm"):
+            r = httpx.post(url + "/v1/images/generations", timeout=120,
+                           json={"model": model, "prompt": "a cat", "size": "64x64", "seed": 1,
+                                 "num_inference_steps": 2})
+            assert r.status_code == 200, r.text
+            loaded = [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]]
+            assert loaded == [model], f"after a request for {model} the replica holds {loaded}"
+        r = httpx.post(url + "/v1/images/generations", timeout=30, json={"model": "nope", "prompt": "a cat"})
+        assert r.status_code == 404, r.text
+    finally:
+        serve.delete("multi")
