@@ -141,3 +141,18 @@ def test_multiplexed_replica_keeps_at_most_k_models(cluster, lcm_bundle, sd_serv
         assert r.status_code == 404, r.text
     finally:
         serve.delete("multi")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replicas", "2", "--autoscale", "1,2"], "not both"),
+    (["--autoscale", "4"], "MIN,MAX"),
+    (["--autoscale", "3,1"], "0 <= MIN <= MAX"),
+])
+def test_cli_refuses_bad_scaling_options_before_starting_ray(lcm_bundle, flags, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "latentrt.cli", "serve", str(lcm_bundle), "--ray", *flags],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and message in r.stderr, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
