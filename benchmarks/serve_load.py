@@ -189,7 +189,7 @@ def library_checker(bundle: str, backend: str):
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| server / batching | concurrency | images/min | p50 s | p99 s | mean batch | 429s | ok/requests |",
+    lines = ["| batching | concurrency | images/min | p50 s | p99 s | mean batch | 429s | ok/requests |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['batching']} | {r['concurrency']} | {r['images_per_minute']} | {r['p50_s']} | "
