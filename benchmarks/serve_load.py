@@ -2,10 +2,11 @@
 batching on and off, every response checked.
 
     python benchmarks/serve_load.py --bundle BUNDLE [--concurrency 1,4,16] [--requests 16] \
-        [--batching on,off] [--max-batch 4] [--size 512x512] [--steps 4] [--backend openvino] [--json OUT]
+        [--batching on,off] [--ray 1,2] [--max-batch 4] [--size 512x512] [--steps 4] [--backend openvino] [--json OUT]
 
 For each batching setting it starts the server on a free loopback port (``--max-batch N`` for "on",
-1 for "off"; or pass ``--url`` to load a running server), then for each concurrency sends
+1 for "off"; ``--ray 1,2`` adds ``latentrt serve --ray --replicas N`` servers, batching on; or pass
+``--url`` to load a running server), then for each concurrency sends
 ``--requests`` requests from that many client threads (OpenAI ``/v1/images/generations``) and
 reports images/minute, p50/p99 latency, 429s (answered by waiting ``Retry-After`` and sending again,
 at most ``--max-retries`` times) and the server's mean batch size.
@@ -42,13 +43,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: str, max_batch: int, args) -> tuple[subprocess.Popen, str]:
+def start_server(bundle: str, max_batch: int, args, ray_replicas: int = 0) -> tuple[subprocess.Popen, str]:
+    """``latentrt serve`` on a free loopback port; with ``ray_replicas``, ``--ray --replicas N`` on a local
+    Ray instance started by the server (each replica 1 CPU, ``--threads`` threads)."""
     port = free_port()
     cmd = [sys.executable, "-m", "latentrt.cli", "serve", f"m={bundle}", "--port", str(port),
            "--max-batch", str(max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
            "--max-queue", str(args.max_queue), "--backend", args.backend, "--timeout-s", "0"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if ray_replicas:
+        cmd += ["--ray", "--replicas", str(ray_replicas)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + args.start_timeout_s
@@ -65,8 +70,11 @@ def start_server(bundle: str, max_batch: int, args) -> tuple[subprocess.Popen, s
     raise SystemExit("the server did not become ready in time")
 
 
-def batch_stats(url: str) -> tuple[float, float]:
-    """(images, calls) so far, from the server's batch-size histogram."""
+def batch_stats(url: str | None) -> tuple[float, float]:
+    """(images, calls) so far, from the server's batch-size histogram (none for a Ray deployment, whose
+    /metrics is one replica's)."""
+    if url is None:
+        return 0.0, 0.0
     text = httpx.get(url + "/metrics", timeout=10).text
     vals = {}
     for line in text.splitlines():
@@ -76,7 +84,7 @@ def batch_stats(url: str) -> tuple[float, float]:
     return vals.get("latentrt_batch_images_sum", 0.0), vals.get("latentrt_batch_images_count", 0.0)
 
 
-def one_level(url: str, concurrency: int, args, model: str | None) -> dict:
+def one_level(url: str, concurrency: int, args, model: str | None, metrics: bool = True) -> dict:
     """``args.requests`` requests from ``concurrency`` threads; every response checked."""
     n = args.requests
     half = max(1, n // 2)
@@ -110,7 +118,7 @@ def one_level(url: str, concurrency: int, args, model: str | None) -> dict:
                               "json": r.json() if r.headers.get("content-type", "").startswith("application/json")
                               else None}
 
-    images0, calls0 = batch_stats(url)
+    images0, calls0 = batch_stats(url if metrics else None)
     t0 = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
@@ -118,7 +126,7 @@ def one_level(url: str, concurrency: int, args, model: str | None) -> dict:
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
-    images1, calls1 = batch_stats(url)
+    images1, calls1 = batch_stats(url if metrics else None)
 
     problems, digests = [], []
     for i, r in enumerate(results):
@@ -197,7 +205,9 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level (default 16)")
     p.add_argument("--batching", default="on,off", help="'on', 'off' or 'on,off' (servers started in turn)")
-    p.add_argument("--rounds", type=int, default=1, help="repeat the batching settings, interleaved (default 1)")
+    p.add_argument("--ray", default="", metavar="N1,N2",
+                   help="also serve with --ray --replicas N for each N (batching on), e.g. 1,2 (the ray extra)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the server settings, interleaved (default 1)")
     p.add_argument("--max-batch", type=int, default=4, help="--max-batch of the 'on' server (default 4)")
     p.add_argument("--batch-wait-ms", type=float, default=50.0)
     p.add_argument("--max-queue", type=int, default=64, help="server --max-queue (small values provoke 429s)")
@@ -216,7 +226,8 @@ def main(argv=None) -> int:
     if not args.bundle and not args.url:
         p.error("pass --bundle (servers are started) or --url (a running server)")
     levels = [int(c) for c in args.concurrency.split(",")]
-    settings = [s.strip() for s in args.batching.split(",")] * args.rounds
+    settings = ([s.strip() for s in args.batching.split(",") if s.strip()]
+                + [f"ray x{int(n)}" for n in args.ray.split(",") if n.strip()]) * args.rounds
     args.verify = library_checker(args.bundle, args.backend) if args.verify and args.bundle else None
 
     rows = []
@@ -224,10 +235,11 @@ def main(argv=None) -> int:
         proc = None
         url = args.url
         if not url:
-            proc, url = start_server(args.bundle, args.max_batch if setting == "on" else 1, args)
+            replicas = int(setting.split("x")[1]) if setting.startswith("ray") else 0
+            proc, url = start_server(args.bundle, args.max_batch if setting != "off" else 1, args, replicas)
         try:
             for c in levels:
-                row = {"batching": setting, **one_level(url, c, args, args.model)}
+                row = {"batching": setting, **one_level(url, c, args, args.model, not setting.startswith("ray"))}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "problems"}), flush=True)
                 for msg in row["problems"][:10]:

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from .generate import add_runtime_args, engine_options
+from .serve_ray import add_ray_args
 
 logger = logging.getLogger("latentrt.serve")
 
@@ -33,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--drain-s", type=float, default=60.0,
                    help="on SIGTERM, how long in-flight work may finish while new work gets 503 (default 60)")
     p.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up call before /ready")
+    add_ray_args(p)
     p.set_defaults(func=run)
 
 
@@ -50,6 +52,10 @@ def model_bundles(specs: list[str]) -> dict[str, Path]:
 
 
 def run(args) -> int:
+    if args.ray:
+        from . import serve_ray
+
+        return serve_ray.run(args, model_bundles(args.bundles))
     try:
         import uvicorn
 
