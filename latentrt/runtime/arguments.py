@@ -100,8 +100,18 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
 }
 
 
-def check_arguments(arguments: dict[str, Any]) -> None:
+def _number_or_list(name, v):
+    """One finite number, or a list of one per image (pipelines whose guidance enters per image)."""
+    if isinstance(v, (list, tuple, np.ndarray)) and not isinstance(v, str):
+        sequence_of_numbers(name, v)
+    else:
+        finite_number(name, v)
+
+
+def check_arguments(arguments: dict[str, Any], *, per_image_guidance: bool = False) -> None:
+    """Check ``arguments`` by name; ``per_image_guidance``: the pipeline takes ``guidance_scale`` as a
+    list of one per image too (LCM: it enters the UNet as a per-image embedding)."""
     for name, value in arguments.items():
-        check = CHECKS.get(name)
+        check = _number_or_list if per_image_guidance and name == "guidance_scale" else CHECKS.get(name)
         if check is not None:
             check(name, value)

@@ -69,7 +69,8 @@ class BasePipeline(VaeTiling):
 
             @functools.wraps(call)
             def checked(self, *args, **kwargs):
-                check_arguments(dict(list(signature.bind(self, *args, **kwargs).arguments.items())[1:]))
+                check_arguments(dict(list(signature.bind(self, *args, **kwargs).arguments.items())[1:]),
+                                per_image_guidance=getattr(self, "per_image_guidance", False))
                 return call(self, *args, **kwargs)
 
             cls.__call__ = checked
