@@ -276,6 +276,9 @@ def test_export_cli_records_the_range(tiny_lcm_dir, tmp_path, capsys):
                  "--max-batch", "3"]) == 0
     k = json.loads((out / "latentrt.json").read_text())["constants"]
     assert (k["size_multiple"], k["min_size"], k["max_size"], k["max_batch"]) == (8, 32, 160, 3)
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "sizes      32 to 160 px per side in multiples of 8, at most 3 images per call" in capsys.readouterr().out
     pipe = latentrt.load(out)
     with pytest.raises(ValueError, match=r"width=168 px is above .*\(32 to 160 px per side"):
         pipe("a cat", height=64, width=168, num_inference_steps=1)
