@@ -343,3 +343,21 @@ def test_size_range_nearest():
     assert [r.nearest(v) for v in (4, 16, 44, 48, 255, 900)] == [[16], [16], [40, 48], [48], [248, 256], [256]]
     assert SizeRange(32, 64, 1000).nearest(2000) == [992]  # the largest multiple inside the range
     assert SizeRange(64).nearest(100) == [64, 128] and SizeRange(64).nearest(10) == [64]
+
+
+def test_generate_cli_takes_any_multiple_of_8_and_refuses_with_the_range(lcm_bundle, tmp_path, capsys):
+    from PIL import Image
+
+    from latentrt.cli import main
+
+    out = tmp_path / "out"
+    assert main(["generate", str(lcm_bundle), "a cat", "--height", "40", "--width", "56", "--steps", "1", "-o",
+                 str(out), "--no-progress"]) == 0
+    [png] = out.glob("*.png")
+    with Image.open(png) as img:
+        assert img.size == (56, 40)
+    capsys.readouterr()
+    assert main(["generate", str(lcm_bundle), "a cat", "--height", "4096", "--steps", "1", "-o", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "height=4096 px is above the sizes this bundle supports (16 to 256 px" in err and "Traceback" not in err
