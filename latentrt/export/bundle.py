@@ -20,6 +20,7 @@ from ..sizes import bundle_size_limits
 from .onnx_export import ExportOptions, export_component
 from .precision import parse_component_precisions
 from .recipes import detect_kind
+from .scheduler_files import write_scheduler_configs
 
 
 def tool_versions() -> dict[str, str]:
@@ -113,16 +114,19 @@ def _make_readable(root: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def write_support_files(pipe, root: Path, kind: str) -> None:
-    """Tokenizer, scheduler config and a diffusers-style model_index.json."""
+def write_support_files(pipe, root: Path, kind: str, src=None, revision: str | None = None) -> dict[str, str]:
+    """Tokenizer, scheduler configs (as the source published them: see
+    :mod:`latentrt.export.scheduler_files`) and a diffusers-style model_index.json. Returns how each
+    scheduler config was obtained."""
     pipe.tokenizer.save_pretrained(str(root / "tokenizer"))
-    pipe.scheduler.save_config(str(root / "scheduler"))
+    how = write_scheduler_configs(pipe, root, src, revision)
     index = {"_class_name": type(pipe).__name__, "_latentrt_pipeline": kind,
              "scheduler": ["diffusers", type(pipe.scheduler).__name__], "tokenizer": ["transformers", "CLIPTokenizer"]}
     if getattr(pipe, "tokenizer_2", None) is not None:  # SDXL's second tokenizer
         pipe.tokenizer_2.save_pretrained(str(root / "tokenizer_2"))
         index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
     write_json_atomic(root / "model_index.json", index)
+    return how
 
 
 def export_bundle(
@@ -247,11 +251,12 @@ def export_bundle(
             else:
                 progress(f"  {name}: exported in {p['export_seconds']:.1f}s (not checked against torch)")
             entries[name] = entry
-        write_support_files(pipe, root, recipe.kind)
+        scheduler_configs = write_support_files(pipe, root, recipe.kind, src, revision)
         recipe_extra = recipe.support_files(pipe, root) if recipe.support_files is not None else None
         manifest = Manifest(pipeline=recipe.kind, components=entries, constants=constants, source=source,
                             precision=precision, tools=tool_versions())
         manifest.extra["export_seconds"] = round(time.perf_counter() - t0, 2)
+        manifest.extra["scheduler_configs"] = scheduler_configs  # runtime: the files hold their own keys only
         manifest.extra["export"] = {"check": check, "trace_size": [dh, dw], "low_memory": bool(low_memory)}
         if lora_records:
             manifest.extra["loras"] = lora_records

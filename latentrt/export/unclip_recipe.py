@@ -108,12 +108,12 @@ def _stat(t) -> np.ndarray:
 
 
 def unclip_support_files(pipe, root: Path) -> dict:
+    """Prior tokenizer or CLIP image processor settings, and the embedding statistics (the prior's and
+    noising scheduler's configs are written with every scheduler's, by export.scheduler_files)."""
     root = Path(root)
-    pipe.image_noising_scheduler.save_config(str(root / "image_noising_scheduler"))
     stats = {"normalizer_mean": _stat(pipe.image_normalizer.mean), "normalizer_std": _stat(pipe.image_normalizer.std)}
     if hasattr(pipe, "prior"):
         pipe.prior_tokenizer.save_pretrained(str(root / "prior_tokenizer"))
-        pipe.prior_scheduler.save_config(str(root / "prior_scheduler"))
         stats.update(prior_clip_mean=_stat(pipe.prior.clip_mean), prior_clip_std=_stat(pipe.prior.clip_std))
     else:
         pipe.feature_extractor.save_pretrained(str(root / "feature_extractor"))

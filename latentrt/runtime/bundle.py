@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..manifest import BundleError, Manifest, read_manifest, verify_files, write_json_atomic
+from ..manifest import REEXPORT_HINT, BundleError, Manifest, read_manifest, verify_files, write_json_atomic
 from .engines import engine_factory
 
 VERIFY_CACHE = "verified.json"
@@ -95,11 +95,23 @@ class Bundle:
             bundle=self, **options,
         )
 
-    def scheduler_config(self) -> dict:
-        path = self.path / "scheduler" / "scheduler_config.json"
+    def scheduler_config(self, subfolder: str = "scheduler") -> dict:
+        """``<subfolder>/scheduler_config.json``: the source's file as published (its own keys only),
+        or, in a bundle exported before that (see :attr:`scheduler_configs_as_published`), the config
+        re-serialised with every key of its class written out."""
+        path = self.path / subfolder / "scheduler_config.json"
         if not path.is_file():
-            raise BundleError(f"{self.path}: scheduler/scheduler_config.json is missing; re-export the bundle")
-        return json.loads(path.read_text())
+            raise BundleError(f"{self.path}: {subfolder}/scheduler_config.json is missing; {REEXPORT_HINT}")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{path}: unreadable scheduler config ({e}); {REEXPORT_HINT}") from None
+
+    @property
+    def scheduler_configs_as_published(self) -> bool:
+        """Whether the scheduler configs are the source's files (exports since published configs
+        are kept); older bundles hold every key explicit and cannot tell which keys the source set."""
+        return "scheduler_configs" in self.manifest.extra
 
     def tokenizer(self, subfolder: str = "tokenizer"):
         from .tokenizer import CLIPTokenizer

@@ -23,6 +23,15 @@ from latentrt.runtime.schedulers import (  # noqa: E402
 
 SHAPE = (2, 4, 8, 8)
 TOL = 1e-5
+# Plus a float32-precision term for large samples: torch's vectorised float32 kernels (pow, sqrt) are
+# not correctly rounded on every CPU (on an AMD EPYC, torch's x**0.5 differs from numpy's by 1 ulp),
+# and over 25 steps such ulps grow to ~6 ulp of a sample of magnitude 20 (1.1e-5 absolute).
+RTOL = 1e-6
+
+
+def within_tol(ours, ref) -> tuple[bool, float]:
+    err = float(np.abs(ours - ref).max())
+    return err <= TOL + RTOL * float(np.abs(ref).max()), err
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
 SD15 = {
@@ -145,11 +154,11 @@ def assert_loops_match(name, cfg, n=None, *, exact_timesteps=True, **kw):
     assert len(ours) == len(ref)
     for i, ((x, d), (rx, rd)) in enumerate(zip(ours, ref)):
         assert as_np(x).dtype == np.float32
-        err = np.abs(as_np(x) - rx).max()
-        assert err <= TOL, f"{name}: step {i} prev_sample differs by {err}"
+        ok, err = within_tol(as_np(x), rx)
+        assert ok, f"{name}: step {i} prev_sample differs by {err}"
         if rd is not None and d is not None:
-            err = np.abs(as_np(d) - rd).max()
-            assert err <= TOL, f"{name}: step {i} denoised differs by {err}"
+            ok, err = within_tol(as_np(d), rd)
+            assert ok, f"{name}: step {i} denoised differs by {err}"
     return plan, ours, ref
 
 
@@ -259,7 +268,9 @@ def test_euler_churn_draws_noise():
     ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()),
 )
 def test_euler_variants(extra):
-    exact = "use_exponential_sigmas" not in extra  # float timesteps from log-sigmas, see test_euler_karras
+    # float timesteps from log-sigmas (see test_euler_karras), and continuous ones (0.25 * log(sigma)):
+    # torch's float32 log is not correctly rounded on every CPU (1 ulp off numpy's on an AMD EPYC)
+    exact = "use_exponential_sigmas" not in extra and extra.get("timestep_type") != "continuous"
     assert_loops_match("EulerDiscreteScheduler", {**SD15, **extra}, 10, exact_timesteps=exact)
 
 

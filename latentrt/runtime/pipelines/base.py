@@ -13,12 +13,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ...manifest import REEXPORT_HINT, BundleError
 from ...sizes import MAX_SIZE_HINT, SizeRange
 from ...spec import SpecError
 from ..bundle import Bundle
 from ..image import postprocess, to_nchw
 from ..random import NoiseSource, randn
-from ..schedulers import Scheduler, get_scheduler
+from ..schedulers import Scheduler, get_scheduler, undecidable_keys
 from ..timing import StageTimer
 
 logger = logging.getLogger("latentrt")
@@ -78,7 +79,22 @@ class BasePipeline:
             return self.scheduler
         if isinstance(scheduler, Scheduler):
             return scheduler
+        if not self.bundle.scheduler_configs_as_published:
+            self._refuse_undecidable_swap(scheduler)
         return get_scheduler(self.scheduler_config, scheduler)
+
+    def _refuse_undecidable_swap(self, name: str) -> None:
+        """An old bundle's config has every key written out; a swap whose result depends on whether
+        the published file set a key (diffusers gives unset keys the target's defaults) is refused."""
+        doubt = undecidable_keys(self.scheduler_config, name)
+        if doubt:
+            keys = "; ".join(f"{k}: {a!r} if the source's file set it, {b!r} if it left it out"
+                             for k, (a, b) in doubt.items())
+            raise BundleError(
+                f"{self.bundle.path}: this bundle was exported before latentrt kept scheduler configs as "
+                f"published, so scheduler={name!r} is ambiguous ({keys}); {REEXPORT_HINT} (or pass "
+                f"scheduler=latentrt.runtime.schedulers.get_scheduler(config, {name!r}) with the config you mean)"
+            )
 
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The call's (height, width): given, or the bundle's default; refused (before any engine runs)

@@ -15,7 +15,6 @@ draw per prior step but the last, the embedding noise, the UNet latents, then DD
 from __future__ import annotations
 
 import io
-import json
 from typing import Any, Callable
 
 import numpy as np
@@ -59,10 +58,7 @@ class _UnCLIPBase(BasePipeline):
     def __init__(self, bundle, **kw):
         super().__init__(bundle, **kw)
         self.stats = self._load_stats()
-        cfg_path = bundle.path / "image_noising_scheduler" / "scheduler_config.json"
-        if not cfg_path.is_file():
-            raise BundleError(f"{bundle.path}: image_noising_scheduler/scheduler_config.json is missing; re-export it")
-        self.noising_scheduler = get_scheduler(json.loads(cfg_path.read_text()))
+        self.noising_scheduler = get_scheduler(bundle.scheduler_config("image_noising_scheduler"))
         self.embed_dim = int(self.constants["image_embed_dim"])
 
     def _load_stats(self) -> dict[str, np.ndarray]:
@@ -139,10 +135,7 @@ class UnCLIPPipeline(_UnCLIPBase):
     def __init__(self, bundle, **kw):
         super().__init__(bundle, **kw)
         self.prior_tokenizer = bundle.tokenizer("prior_tokenizer")
-        path = bundle.path / "prior_scheduler" / "scheduler_config.json"
-        if not path.is_file():
-            raise BundleError(f"{bundle.path}: prior_scheduler/scheduler_config.json is missing; re-export it")
-        self.prior_scheduler = get_scheduler(json.loads(path.read_text()))
+        self.prior_scheduler = get_scheduler(bundle.scheduler_config("prior_scheduler"))
 
     def encode_prior_prompt(self, prompts, n: int, cfg: bool):
         """``_encode_prior_prompt``: (text_embeds, hidden states, attention mask), [uncond, cond] with ``cfg``."""

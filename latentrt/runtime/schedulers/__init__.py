@@ -18,6 +18,7 @@ numpy only; arrays may be numpy, torch or cupy (coefficients are Python floats).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 from .base import Plan, Scheduler, StepOutput, UnknownSchedulerError
@@ -57,8 +58,12 @@ def get_scheduler(config: Mapping[str, Any], name: str | None = None) -> Schedul
     """Build a scheduler from a diffusers ``scheduler_config.json`` dict.
 
     ``name`` (a diffusers class name, or an alias such as ``"DPMSolverMultistepScheduler+karras"``)
-    overrides ``config["_class_name"]`` and keeps every other config key the target class
-    understands, as ``Scheduler.from_config`` does in diffusers. Unknown keys are ignored.
+    overrides ``config["_class_name"]``. diffusers' ``XScheduler.from_config(pipe.scheduler.config)``
+    rule: keys the config contains carry over to the target class (those it understands; unknown keys
+    are ignored), keys it does not contain take the *target* class's defaults. A diffusers config dict
+    lists the keys its scheduler took from defaults in ``_use_default_values``; those count as not
+    contained. So pass a ``scheduler_config.json`` as published (its own keys), not one re-serialised
+    with every default written out (see :func:`undecidable_keys`).
     """
     target = name if name is not None else config.get("_class_name")
     if target is None:
@@ -75,6 +80,28 @@ def get_scheduler(config: Mapping[str, Any], name: str | None = None) -> Schedul
             f"unknown scheduler {target!r}; the latentrt runtime implements: {', '.join(known_names())}"
         )
     return cls.from_config(config, **overrides)
+
+
+def _defaults(cls: type[Scheduler]) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
+
+
+def undecidable_keys(config: Mapping[str, Any], name: str) -> dict[str, tuple[Any, Any]]:
+    """For a config re-serialised with every key of its class written out (``save_config``, as
+    bundles before published configs were kept): the keys whose value for scheduler ``name`` it
+    cannot tell. They are keys both classes take, with different defaults, that the config holds at
+    its own class's default: had the published file left them out, diffusers gives ``name``'s
+    default; had it set them, the value carries over. Returns ``{key: (source default, target
+    default)}``; empty when ``name`` is the config's own class or nothing is in doubt.
+    """
+    target, overrides = ALIASES.get(name, (name, {}))
+    source = SCHEDULERS.get(config.get("_class_name"))
+    cls = SCHEDULERS.get(target)
+    if source is None or cls is None or source is cls:
+        return {}
+    src, tgt = _defaults(source), _defaults(cls)
+    return {k: (src[k], tgt[k]) for k in sorted(src.keys() & tgt.keys() - overrides.keys())
+            if src[k] != tgt[k] and config.get(k, src[k]) == src[k]}
 
 
 __all__ = [
@@ -95,4 +122,5 @@ __all__ = [
     "UnknownSchedulerError",
     "get_scheduler",
     "known_names",
+    "undecidable_keys",
 ]

@@ -52,7 +52,6 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         "use_lu_lambdas": False,
         "use_flow_sigmas": False,
         "use_dynamic_shifting": False,
-        "variance_type": None,
     }
 
     num_train_timesteps: int = 1000
@@ -85,6 +84,11 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     time_shift_type: str = "exponential"
 
     def _validate(self) -> None:
+        # diffusers reads variance_type only for "learned" / "learned_range" model outputs; any other
+        # value (a DDPM file's "fixed_small" carried over by from_config) runs as None does
+        if self.variance_type in ("learned", "learned_range"):
+            raise ValueError(f"{self.name}: variance_type={self.variance_type!r} is not implemented by the "
+                             "latentrt runtime (only model outputs without a variance channel)")
         if self.algorithm_type == "deis":  # diffusers maps these onto its defaults
             object.__setattr__(self, "algorithm_type", "dpmsolver++")
         if self.solver_type in ("logrho", "bh1", "bh2"):
