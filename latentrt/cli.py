@@ -21,11 +21,12 @@ class UserError(Exception):
 
 def _known_errors():
     from .manifest import BundleError
+    from .runtime.engines.base import EngineCallError
     from .runtime.image import ImageInputError
     from .spec import SpecError
 
     errors = [UserError, BundleError, ImageInputError, SpecError, ValueError, TypeError, FileExistsError,
-              FileNotFoundError]
+              FileNotFoundError, EngineCallError]
     export = sys.modules.get("latentrt.export.onnx_export")  # only loaded (with torch) by export commands
     if export is not None:
         errors.append(export.ExportError)

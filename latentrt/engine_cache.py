@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from .manifest import BundleError, Manifest, sha256_file
+from .manifest import BundleError, Manifest, bundle_path, sha256_file
 
 ENGINES_DIR = "engines"
 KEY_LENGTH = 20
@@ -78,7 +78,10 @@ def engine_problems(record: Mapping[str, Any], *, onnx_sha: str, trt_version: st
         problems.append(f"it was built for a GPU of compute capability {record.get('compute_capability')}; "
                         f"this GPU is {compute_capability}")
     if check_file and bundle is not None:
-        path = Path(bundle) / record.get("path", "")
+        try:
+            path = bundle_path(bundle, record.get("path"), "plan file", within=ENGINES_DIR)
+        except BundleError as e:
+            return [*problems, f"its plan file {record.get('path')!r} is refused: {e}"]
         if not path.is_file():
             problems.append(f"its plan file {record.get('path')} is missing")
         elif not _plan_unchanged(path, record):

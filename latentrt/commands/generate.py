@@ -118,12 +118,17 @@ def run(args) -> int:
 
     import latentrt
 
+    if args.steps is not None and args.steps < 1:  # before loading anything or drawing a progress bar
+        raise ValueError(f"--steps must be a positive number of denoising steps; got {args.steps}")
+    image = None
+    if args.image:
+        from ..runtime.image import load_image
+
+        image = load_image(args.image)  # a clear error for files that are not images
     pipe = latentrt.load(args.bundle, backend=args.backend, device=args.device, **engine_options(args))
     kw = call_kwargs(args)
-    if args.image:
-        from PIL import Image
-
-        kw.update(image=Image.open(args.image))
+    if image is not None:
+        kw.update(image=image)
         if "strength" in inspect.signature(pipe.__call__).parameters:  # unCLIP variations have no strength
             kw["strength"] = args.strength
     n = args.steps or _default_arg(pipe, "num_inference_steps")

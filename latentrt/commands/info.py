@@ -22,12 +22,13 @@ def _human(n: int) -> str:
 
 
 def run(args) -> int:
-    from ..manifest import read_manifest, verify_files
+    from ..manifest import check_external_data, check_links, read_manifest, verify_files
     from ..sizes import SizeRange
 
-    m = read_manifest(args.bundle)
+    m = read_manifest(args.bundle)  # refuses paths outside the bundle
     if args.verify:
-        verify_files(args.bundle, m)
+        verify_files(args.bundle, m)  # sha256 of every file; external data inside the bundle
+        check_links(args.bundle)
     if args.json:
         print(json.dumps(m.to_dict(), indent=2))
         return 0
@@ -55,5 +56,7 @@ def run(args) -> int:
         if key != "export_seconds":
             print(f"\n{key}: {json.dumps(value)[:400]}")
     if args.verify:
-        print("\nall files match their sha256")
+        external = sum(len(check_external_data(args.bundle, e)) for e in m.components.values())
+        print(f"\nall files match their sha256; every path (model files, {external} external-data file(s), "
+              "engines) lies inside the bundle")
     return 0

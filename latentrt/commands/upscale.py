@@ -61,13 +61,14 @@ def upscale_chain(pipe, args, kw: dict, callback):
 
 
 def run(args) -> int:
-    from PIL import Image
+    from ..runtime.image import load_image
 
+    if args.steps is not None and args.steps < 1:  # before loading anything or drawing a progress bar
+        raise ValueError(f"--steps must be a positive number of denoising steps; got {args.steps}")
+    image = load_image(args.image)  # a clear error for files that are not images
     pipe = load_upscaler(args.bundle, args)
     kw = upscale_kwargs(args.steps, args.guidance, args.negative_prompt)
     cb, close = progress_callback(args.steps, not args.no_progress)
-    with Image.open(args.image) as img:
-        image = img.convert("RGB")
     t0 = time.perf_counter()
     try:
         out = pipe(args.prompt, image=image, generator=args.seed, output_type="pil", callback=cb, **kw)

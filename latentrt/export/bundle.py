@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 from .. import __version__
 from ..manifest import Manifest, write_json_atomic
 from ..sizes import bundle_size_limits
+from .memory_facts import memory_facts
 from .onnx_export import ExportOptions, export_component
 from .precision import parse_component_precisions
 from .recipes import detect_kind
@@ -244,6 +245,9 @@ def export_bundle(
             opts = ExportOptions(precision=prec, value_ranges=plan.value_ranges, progress=progress, check=check != "off")
             entry = export_component(plan.module, plan.spec, root / name, export_sizes=export_sizes,
                                      check_sizes=check_sizes, options=opts, bundle_root=root)
+            facts = memory_facts(plan.module, plan.spec)  # for the runtime's memory estimate (runtime/limits.py)
+            if facts:
+                entry.extra["memory"] = facts
             p = entry.parity
             if "max_abs" in p:
                 progress(f"  {name}: max abs error vs torch {p['max_abs']:.2e} (relative {p['max_rel']:.2e}, "

@@ -12,20 +12,22 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..manifest import REEXPORT_HINT, BundleError, Manifest, read_manifest, verify_files, write_json_atomic
+from ..manifest import (REEXPORT_HINT, BundleError, Manifest, bundle_path, check_external_data, read_manifest,
+                        verify_files, write_json_atomic)
 from .engines import engine_factory
 
 VERIFY_CACHE = "verified.json"
 
 
 def cache_dir_for(bundle: Path) -> Path:
-    """``BUNDLE/.cache`` when writable, else a per-bundle folder under ``$LATENTRT_CACHE`` or ~/.cache."""
+    """``BUNDLE/.cache`` when writable (and inside the bundle: a ``.cache`` symlink to elsewhere is not
+    followed), else a per-bundle folder under ``$LATENTRT_CACHE`` or ~/.cache."""
     env = os.environ.get("LATENTRT_CACHE")
     if not env:
         local = bundle / ".cache"
         try:
             local.mkdir(exist_ok=True)
-            if os.access(local, os.W_OK):
+            if os.access(local, os.W_OK) and local.resolve().is_relative_to(bundle.resolve()):
                 return local
         except OSError:
             pass
@@ -82,6 +84,10 @@ class Bundle:
         entry = self.manifest.components[component]
         return entry.files.get(entry.path, "")
 
+    def file(self, rel: str, what: str = "file") -> Path:
+        """``rel`` inside the bundle (symlinks followed); :class:`BundleError` if it resolves outside."""
+        return bundle_path(self.path, rel, what)
+
     def engine(self, component: str, backend: str = "onnxruntime", device: str = "cpu", **options):
         if component not in self.manifest.components:
             raise BundleError(f"{self.path}: no component {component!r} in this bundle "
@@ -89,8 +95,10 @@ class Bundle:
         entry = self.manifest.components[component]
         factory = engine_factory(backend)
         _check_options(factory, backend, options)
+        model = self.file(entry.path, f"component {component!r} model file")
+        check_external_data(self.path, entry)  # before any engine opens the model
         return factory(
-            component, self.path / entry.path, entry.spec.inputs, entry.spec.outputs, device=device,
+            component, model, entry.spec.inputs, entry.spec.outputs, device=device,
             cache_dir=self.cache_dir, model_sha=self.component_sha(component), manifest_entry=entry,
             bundle=self, **options,
         )
@@ -99,7 +107,7 @@ class Bundle:
         """``<subfolder>/scheduler_config.json``: the source's file as published (its own keys only),
         or, in a bundle exported before that (see :attr:`scheduler_configs_as_published`), the config
         re-serialised with every key of its class written out."""
-        path = self.path / subfolder / "scheduler_config.json"
+        path = self.file(f"{subfolder}/scheduler_config.json", "scheduler config")
         if not path.is_file():
             raise BundleError(f"{self.path}: {subfolder}/scheduler_config.json is missing; {REEXPORT_HINT}")
         try:
@@ -116,4 +124,4 @@ class Bundle:
     def tokenizer(self, subfolder: str = "tokenizer"):
         from .tokenizer import CLIPTokenizer
 
-        return CLIPTokenizer.from_dir(self.path / subfolder)
+        return CLIPTokenizer.from_dir(self.file(subfolder, "tokenizer folder"))

@@ -26,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover
     Image = None
 
-from .image import ImageInputError
+from .image import ImageInputError, check_pil, decoding
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -144,7 +144,10 @@ def _one(image, cfg: CLIPImageConfig) -> np.ndarray:
         rgb = _uint8_to_rgb(image) if cfg.do_convert_rgb else image
         pil = Image.fromarray(np.ascontiguousarray(rgb))
     elif Image is not None and isinstance(image, Image.Image):
-        pil = _to_rgb_pil(image) if cfg.do_convert_rgb else image
+        check_pil(image)
+        with decoding():
+            pil = _to_rgb_pil(image) if cfg.do_convert_rgb else image
+            pil.load()
     else:
         raise ImageInputError(
             f"image must be a PIL image, a uint8 numpy array or a list of them; got {type(image).__name__}"

@@ -146,6 +146,12 @@ class CLIPTokenizer:
     def _encode(self, texts: str | Sequence[str]) -> list[list[int]]:
         if isinstance(texts, str):
             texts = [texts]
+        for t in texts:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates, e.g. from bytes decoded with errors="surrogateescape"
+                raise ValueError(f"prompt {t[:60]!r} is not valid Unicode text ({e.reason} at position {e.start}); "
+                                 "decode it with errors='replace'") from None
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def __call__(

@@ -13,11 +13,41 @@ before the next call of the same engine, and the scheduler step makes new arrays
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping
 
 import numpy as np
 
 from ...spec import SpecError, TensorSpec, bind_sizes
+
+#: words in an engine's message that mean it ran out of memory
+_MEMORY_WORDS = ("alloc", "out of memory", "memory", "oom", "bad_alloc")
+
+
+class EngineCallError(RuntimeError):
+    """An engine failed on inputs that passed the spec checks; the message names the component, the
+    input shapes and what to change, with the engine's own message attached (and chained)."""
+
+
+@contextlib.contextmanager
+def engine_errors(name: str, arrays: Mapping[str, Any]):
+    """Re-raise an engine's own exception (ONNX Runtime's Fail / InvalidArgument, OpenVINO's, numpy's
+    MemoryError...) as :class:`EngineCallError`; latentrt's own errors pass through."""
+    try:
+        yield
+    except Exception as e:
+        if type(e).__module__.startswith("latentrt"):
+            raise
+        shapes = ", ".join(f"{k} {tuple(getattr(v, 'shape', ()))}" for k, v in arrays.items())
+        message = " ".join(str(e).split())[:600] or type(e).__name__
+        if isinstance(e, MemoryError) or any(w in message.lower() for w in _MEMORY_WORDS):
+            hint = ("it ran out of memory: use a smaller height/width or fewer images per prompt (or set "
+                    "LATENTRT_MEMORY_LIMIT so that latentrt refuses such calls before they run)")
+        else:
+            hint = ("the inputs match the component's spec, so the model itself refused them: check the call's sizes "
+                    "against what the bundle was exported for (`latentrt info BUNDLE`), or re-export the bundle")
+        raise EngineCallError(f"{name}: the engine failed on inputs {shapes}; {hint}. "
+                              f"Engine message ({type(e).__name__}): {message}") from e
 
 
 class Engine:
@@ -41,12 +71,16 @@ class Engine:
         self._dtypes = {s.name: np.dtype(s.dtype) for s in self.inputs}
 
     def __call__(self, **inputs: Any) -> dict[str, Any]:
-        return self.run(self._checked(inputs))
+        arrays = self._checked(inputs)
+        with engine_errors(self.name, arrays):
+            return self.run(arrays)
 
     def call_on_device(self, **inputs: Any) -> dict[str, Any]:
         """Like calling the engine, but outputs stay device tensors where :attr:`device_loop` is True
         (their lifetime is :attr:`outputs_are_reused`'s); other engines return what ``__call__`` does."""
-        return self.run_on_device(self._checked(inputs))
+        arrays = self._checked(inputs)
+        with engine_errors(self.name, arrays):
+            return self.run_on_device(arrays)
 
     def run_on_device(self, arrays: dict[str, Any]) -> dict[str, Any]:
         return self.run(arrays)
@@ -58,6 +92,10 @@ class Engine:
         arrays = {k: self.cast(k, v) for k, v in inputs.items() if k in self._dtypes}
         arrays.update({k: v for k, v in inputs.items() if k not in self._dtypes})
         sizes = bind_sizes(self.inputs, arrays, component=self.name)
+        empty = {k: v for k, v in sizes.items() if v < 1}
+        if empty:
+            raise SpecError(f"{self.name}: the inputs have empty axes ({', '.join(f'{k}={v}' for k, v in empty.items())}); "
+                            "every batch and image size must be at least 1")
         self.check_limits(sizes)
         return arrays
 

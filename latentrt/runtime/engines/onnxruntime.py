@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ class OrtEngine(Engine):
         so.intra_op_num_threads = threads or default_threads()
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # fatal only: a failed run raises, and latentrt re-raises it with its message
         providers = _provider_list(device, cache_dir)
         model_path = Path(path)
         cached = None
@@ -106,6 +107,9 @@ class OrtEngine(Engine):
             key = hashlib.sha256(f"{model_sha}|{ort.__version__}|{device}|{_cpu_fingerprint()}".encode()).hexdigest()[:16]
             cached = Path(cache_dir) / f"{name}-{key}.ort.onnx"
         if cached is not None and cached.is_file():
+            from ...manifest import external_data_files
+
+            external_data_files(cache_dir, cached, f"the cached optimized model {cached.name}")  # stays in the cache
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             model_path = cached
             self.cache_hit = True
@@ -114,9 +118,13 @@ class OrtEngine(Engine):
             self.cache_hit = False
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                so.optimized_model_filepath = str(cached) + ".tmp"
+                # each writer its own temporary graph and weights file: the graph is renamed into place
+                # once both are whole, and a complete entry's weights are never rewritten by another writer
+                tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+                tmp = cached.with_name(f".{cached.name}.{tag}.tmp")
+                so.optimized_model_filepath = str(tmp)
                 so.add_session_config_entry(
-                    "session.optimized_model_external_initializers_file_name", cached.name + ".data"
+                    "session.optimized_model_external_initializers_file_name", f"{cached.name}.{tag}.data"
                 )
                 so.add_session_config_entry(
                     "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
@@ -128,10 +136,8 @@ class OrtEngine(Engine):
                 f"{name}: ONNX Runtime could not load {model_path} ({type(e).__name__}: {str(e).strip()[:300]}); "
                 "the file may be corrupted or from an unsupported exporter: re-export the bundle"
             ) from None
-        if cached is not None and not self.cache_hit:
-            tmp = Path(str(cached) + ".tmp")
-            if tmp.is_file():
-                os.replace(tmp, cached)  # the optimized graph; its weights went to cached.name + ".data"
+        if cached is not None and not self.cache_hit and tmp.is_file():
+            os.replace(tmp, cached)  # the optimized graph; its weights went to its own .data file
         self._output_names = [o.name for o in self.outputs]
 
     def run(self, arrays):

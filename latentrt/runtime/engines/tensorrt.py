@@ -65,7 +65,8 @@ class TensorRTEngine(Engine):
             import torch
         except ImportError as e:
             raise ImportError(f"the tensorrt backend needs the tensorrt and torch packages ({e})") from None
-        from ...engine_cache import select_engine
+        from ...engine_cache import ENGINES_DIR, select_engine
+        from ...manifest import bundle_path
 
         if not torch.cuda.is_available():
             raise RuntimeError("the tensorrt backend needs a CUDA GPU; none is visible to torch")
@@ -82,7 +83,8 @@ class TensorRTEngine(Engine):
         plan_sha = rec["plan_sha256"]
         if plan_sha not in _ENGINES:
             runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            engine = runtime.deserialize_cuda_engine((bundle.path / rec["path"]).read_bytes())
+            engine = runtime.deserialize_cuda_engine(bundle_path(bundle.path, rec["path"], "plan file",
+                                                                 within=ENGINES_DIR).read_bytes())
             if engine is None:
                 raise RuntimeError(f"TensorRT could not deserialize {rec['path']}; rebuild it with "
                                    f"`latentrt build {bundle.path} --profile {rec.get('profile')} --force`")

@@ -16,6 +16,8 @@ import numpy as np
 from ...manifest import REEXPORT_HINT, BundleError
 from ...sizes import MAX_SIZE_HINT, SizeRange
 from ...spec import SpecError
+from .. import limits
+from ..arguments import check_arguments
 from ..bundle import Bundle
 from ..image import postprocess, to_nchw
 from ..random import NoiseSource, randn
@@ -40,6 +42,23 @@ class BasePipeline:
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
 
+    def __init_subclass__(cls, **kw):
+        """Each pipeline's ``__call__`` first checks the arguments all pipelines share (:mod:`..arguments`)."""
+        super().__init_subclass__(**kw)
+        call = cls.__dict__.get("__call__")
+        if call is not None:
+            import functools
+            import inspect
+
+            signature = inspect.signature(call)
+
+            @functools.wraps(call)
+            def checked(self, *args, **kwargs):
+                check_arguments(dict(list(signature.bind(self, *args, **kwargs).arguments.items())[1:]))
+                return call(self, *args, **kwargs)
+
+            cls.__call__ = checked
+
     def __init__(self, bundle: Bundle, *, backend: str = "onnxruntime", device: str = "cpu", **engine_options):
         self.bundle = bundle
         self.backend = backend
@@ -61,13 +80,23 @@ class BasePipeline:
 
     # -- helpers -------------------------------------------------------------------------------
     def run(self, component: str, **inputs) -> dict[str, Any]:
+        self.check_memory(limits.call_sizes(self.engines[component].inputs, inputs), [component])
         with self.timer(component):
             return self.engines[component](**inputs)
+
+    def check_memory(self, sizes: dict | None, components=None) -> None:
+        """Refuse a call that cannot fit in the memory available before an engine runs (:mod:`..limits`;
+        host memory, so CPU devices only)."""
+        if self.device != "cpu":
+            return
+        limits.check_engines(self.engines, self.bundle.manifest, sizes, components,
+                             size_multiple=int(self.constants.get("size_multiple", self.vae_scale_factor)))
 
     def run_on_device(self, component: str, **inputs) -> dict[str, Any]:
         """Call a component keeping its outputs on the device (engines with ``device_loop``); the
         stage is timed after the device finished it."""
         engine = self.engines[component]
+        self.check_memory(limits.call_sizes(engine.inputs, inputs), [component])
         with self.timer(component):
             out = engine.call_on_device(**inputs)
             engine.synchronize()
@@ -158,7 +187,8 @@ class BasePipeline:
         limit = self.tokenizer.model_max_length
         for p, n in zip(prompts, lengths):
             if n > limit:
-                logger.warning("prompt truncated to %d CLIP tokens (it has %d): %r", limit, n, p)
+                logger.warning("prompt truncated to %d CLIP tokens (it has %d): %r", limit, n,
+                               p if len(p) <= 200 else p[:200] + "...")
         return ids
 
     def text_embeddings(self, prompts: Sequence[str], clip_skip: int | None = None) -> dict[str, np.ndarray]:
@@ -176,6 +206,7 @@ class BasePipeline:
     @staticmethod
     def repeat_per_prompt(x: np.ndarray, n: int) -> np.ndarray:
         """[p0, p1] -> [p0, p0, p1, p1] for n=2 (diffusers' repeat + view)."""
+        limits.check_allocation((np.shape(x)[0] * n, *np.shape(x)[1:]), "the per-image prompt embeddings")
         return np.repeat(np.asarray(x, dtype=np.float32), n, axis=0)
 
     # -- latents <-> images -----------------------------------------------------------------------
@@ -215,6 +246,7 @@ class BasePipeline:
         scheduler's ``init_noise_sigma``."""
         f = self.vae_scale_factor
         shape = (batch, int(self.constants["unet_in_channels"]), height // f, width // f)
+        self.check_memory({"B": batch, "H": height, "W": width})  # before drawing noise or running the UNet
         return self.start_noise(plan, shape, rng, latents)
 
     @staticmethod
@@ -222,6 +254,7 @@ class BasePipeline:
         """The start of a denoising loop: ``given`` (checked against ``shape``) or noise drawn from
         ``rng``, times the scheduler's ``init_noise_sigma``."""
         if given is None:
+            limits.check_allocation(shape, f"the initial {name}")
             x = randn(rng, shape)
         else:
             x = np.asarray(given, dtype=np.float32)
@@ -248,11 +281,14 @@ class BasePipeline:
 
     @staticmethod
     def check_output_type(output_type: str) -> None:
-        if output_type not in ("pil", "np", "latent"):
+        if not isinstance(output_type, str) or output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
 
     def finish(self, latents: np.ndarray, output_type: str) -> PipelineOutput:
         self.check_output_type(output_type)
+        if not np.isfinite(np.asarray(latents)).all():
+            raise ValueError("the denoised latents are not finite (NaN or inf): the guidance scale, eta or the given "
+                             "latents / embeddings are too large for this model, or an fp16 component overflowed")
         images = latents if output_type == "latent" else postprocess(self.decode(latents), output_type)
         return PipelineOutput(images=images, timings=self.timer.as_dict())
 
@@ -267,8 +303,8 @@ class BasePipeline:
         """Use the full VAE (``"full"``, default) or the bundle's TAESD (``"tiny"``) for this call's
         ``decode`` / ``encode_image``. Tiny engines are created on first use, so bundles that carry
         TAESD cost nothing extra when it is not used."""
-        vae = vae or "full"
-        if vae not in self.VAE_COMPONENTS:
+        vae = "full" if vae is None else vae
+        if not isinstance(vae, str) or vae not in self.VAE_COMPONENTS:
             raise ValueError(f"vae must be 'full' or 'tiny'; got {vae!r}")
         if vae == "tiny":
             if not self.bundle.has("tiny_vae_decoder"):

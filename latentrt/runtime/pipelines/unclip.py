@@ -65,7 +65,7 @@ class _UnCLIPBase(BasePipeline):
         info = (self.bundle.manifest.extra.get("unclip") or {}).get("embedding_stats")
         if not info:
             raise BundleError(f"{self.bundle.path}: the manifest has no unCLIP embedding statistics; re-export it")
-        path = self.bundle.path / info["path"]
+        path = self.bundle.file(info["path"], "unCLIP embedding statistics")
         if not path.is_file() or sha256_file(path) != info["sha256"]:
             raise BundleError(f"{self.bundle.path}: {info['path']} is missing or corrupted (sha256 does not match "
                               "the manifest); re-export the bundle")
@@ -229,7 +229,7 @@ class UnCLIPImg2ImgPipeline(_UnCLIPBase):
 
     def __init__(self, bundle, **kw):
         super().__init__(bundle, **kw)
-        self.clip_image_config = CLIPImageConfig.from_dir(bundle.path / "feature_extractor")
+        self.clip_image_config = CLIPImageConfig.from_dir(bundle.file("feature_extractor", "feature extractor folder"))
 
     def _single_image(self, image) -> bool:
         """A lone picture is repeated to the whole batch; a list or pixel_values batch per prompt."""
