@@ -52,7 +52,9 @@ class SymDim:
             raise KeyError(f"no size given for dim symbol {self.symbol!r}")
         value = sizes[self.symbol] * self.mul
         if value % self.div:
-            raise ValueError(f"{self.symbol}={sizes[self.symbol]} is not a multiple of {self.div} (dim {self})")
+            v, step = sizes[self.symbol], self.div // np.gcd(self.mul, self.div)
+            raise ValueError(f"{self.symbol}={v} is not a multiple of {step} (dim {self}); the nearest that are: "
+                             f"{v - v % step or step} and {v - v % step + step}")
         return value // self.div
 
     def solve(self, value: int) -> int:

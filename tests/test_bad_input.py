@@ -96,7 +96,10 @@ def test_unverified_corrupt_model_still_gets_a_clear_error(bundle_copy):
 @pytest.mark.parametrize("kw, pattern", [
     (dict(height=60), r"height=60 is not a multiple of 8; use 56 or 64"),
     (dict(width=100), r"width=100 is not a multiple of 8; use 96 or 104"),
-    (dict(height=72), r"height=72 is not a multiple of 16, which this bundle's UNet needs"),
+    (dict(height=4096), r"height=4096 px is above the sizes this bundle supports \(16 to 256 px per side in "
+                        r"multiples of 8\); use 256; re-export with `latentrt export --max-size N`"),
+    (dict(width=8), r"width=8 px is below the sizes this bundle supports \(16 to 256 px .*\); use 16$"),
+    (dict(num_images_per_prompt=17), r"this call makes 17 images .* more than the 16 this bundle supports"),
     (dict(num_inference_steps=0), r"num_inference_steps must be an integer >= 1"),
     (dict(num_inference_steps=60), r"original_inference_steps|num_inference_steps"),
     (dict(num_inference_steps=8, original_inference_steps=4), r"original_inference_steps"),
@@ -174,6 +177,6 @@ def test_bad_images(pipe, image, pattern):
         pipe("a cat", image=image, num_inference_steps=1)
 
 
-def test_image_size_not_supported_by_unet(pipe):
-    with pytest.raises(ValueError, match=r"height=72 is not a multiple of 16"):
-        pipe("a cat", image=np.zeros((72, 64, 3), np.float32), num_inference_steps=1)
+def test_image_size_not_supported_by_the_bundle(pipe):
+    with pytest.raises(ValueError, match=r"height=264 px is above the sizes this bundle supports \(16 to 256 px"):
+        pipe("a cat", image=np.zeros((264, 64, 3), np.float32), num_inference_steps=1)

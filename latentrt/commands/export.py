@@ -12,8 +12,14 @@ def register(sub) -> None:
                    help="precision of every component (default fp32, or the --profile's)")
     p.add_argument("--component-precision", action="append", default=[], metavar="NAME=PREC",
                    help="per-component precision, e.g. vae_decoder=fp32 (repeatable)")
-    p.add_argument("--profile", help="take the per-component precision from this profile (name or .toml path; "
-                                     "`latentrt profiles` lists them); --precision/--component-precision override it")
+    p.add_argument("--profile", help="take the per-component precision and the size range from this profile (name or "
+                                     ".toml path; `latentrt profiles` lists them); --precision/--component-precision "
+                                     "and --max-size/--max-batch override it")
+    p.add_argument("--max-size", type=int, metavar="PIXELS",
+                   help="largest image side the bundle serves (default: the profile's, else 4x the default size); "
+                        "calls above it are refused before any engine runs")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="most images one call makes (default: the profile's batch maximum, else 16)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--check", choices=["full", "quick", "off"], default=None,
@@ -70,6 +76,8 @@ def run(args) -> int:
         component_precision=component_precision,
         check=getattr(args, "check", None) or ("quick" if args.no_check else "full"),
         low_memory=getattr(args, "low_memory", False), trace_size=getattr(args, "trace_size", None),
+        profile=getattr(args, "profile", None), max_size=getattr(args, "max_size", None),
+        max_batch=getattr(args, "max_batch", None),
         **({"tiny_vae": args.tiny_vae} if getattr(args, "tiny_vae", None) else {}),
         **({"loras": args.lora} if getattr(args, "lora", None) else {}),
         **({"vae": args.vae} if getattr(args, "vae", None) else {}),

@@ -23,6 +23,7 @@ def _human(n: int) -> str:
 
 def run(args) -> int:
     from ..manifest import check_external_data, check_links, read_manifest, verify_files
+    from ..sizes import SizeRange
 
     m = read_manifest(args.bundle)  # refuses paths outside the bundle
     if args.verify:
@@ -39,6 +40,9 @@ def run(args) -> int:
     keys = ("default_height", "default_width", "vae_scale_factor", "size_multiple", "time_cond_proj_dim",
             "prediction_type")
     print("constants  " + ", ".join(f"{k}={m.constants[k]}" for k in keys if k in m.constants))
+    sizes = SizeRange.from_constants(m.constants)
+    print(f"sizes      {sizes.describe()}" + (f", at most {sizes.max_batch} images per call" if sizes.max_batch else "")
+          + ("" if sizes.recorded else " (exported before size ranges were recorded)"))
     for name, e in m.components.items():
         size = sum(e.sizes.values())
         err = e.parity.get("max_abs")

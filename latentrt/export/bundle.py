@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 from .. import __version__
 from ..manifest import Manifest, write_json_atomic
+from ..sizes import bundle_size_limits
 from .memory_facts import memory_facts
 from .onnx_export import ExportOptions, export_component
 from .precision import parse_component_precisions
@@ -149,6 +150,9 @@ def export_bundle(
     textual_inversions=None,
     allow_pickle: bool = False,
     config: str | None = None,
+    profile=None,
+    max_size: int | None = None,
+    max_batch: int | None = None,
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
@@ -176,6 +180,11 @@ def export_bundle(
     check fp16 graphs against the fp16 module. An fp16 SDXL export then peaks near the size of the
     fp16 model plus one fp16 UNet graph instead of the fp32 model plus two fp16 copies (which does
     not fit in 24 GiB). LoRAs are then fused in the loaded precision, as a diffusers fp16 pipeline does.
+
+    Sizes (:func:`latentrt.sizes.bundle_size_limits`): the manifest records the range of sides
+    (``min_size``, ``max_size``) and the most images per call (``max_batch``) the bundle serves, from
+    the default or trace size, then ``profile``'s (a :class:`~latentrt.profiles.Profile` or its name)
+    ``H`` / ``W`` / ``B`` ranges, then ``max_size`` / ``max_batch``; the runtime refuses calls outside it.
     """
     overrides = parse_component_precisions(precision, component_precision)
     check = {True: "full", False: "quick"}.get(check, check) if isinstance(check, bool) else check
@@ -236,10 +245,17 @@ def export_bundle(
         plans = [*plans, *tiny_plans]
         constants = {**constants, **tiny_constants}
 
+    if isinstance(profile, str):
+        from ..profiles import load_profile
+
+        profile = load_profile(profile)
+    constants.update(bundle_size_limits(constants, trace_size=trace_size, profile=profile, max_size=max_size,
+                                        max_batch=max_batch))
     dh, dw, m = constants["default_height"], constants["default_width"], constants["size_multiple"]
     if trace_size is not None:
-        if trace_size % m:
-            raise ValueError(f"trace_size must be a multiple of {m} for this pipeline; got {trace_size}")
+        if trace_size % m or not constants["min_size"] <= trace_size <= constants["max_size"]:
+            raise ValueError(f"trace_size must be a multiple of {m} from {constants['min_size']} to "
+                             f"{constants['max_size']} for this pipeline; got {trace_size}")
         dh = dw = trace_size
     export_sizes = {"B": 1, "H": dh, "W": dw}
     check_sizes = [export_sizes, {"B": 2, "H": dh, "W": dw + m}] if check == "full" else [export_sizes]

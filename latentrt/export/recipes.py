@@ -67,8 +67,11 @@ def sd_constants(pipe) -> dict:
         "unet_sample_size": int(unet.config.sample_size),
         "default_height": int(unet.config.sample_size) * f,
         "default_width": int(unet.config.sample_size) * f,
-        # spatial sizes must divide by this for the UNet's down/up sampling to round-trip
-        "size_multiple": f * 2 ** (len(unet.config.block_out_channels) - 1),
+        # every multiple of the VAE factor: the UNet graph takes its upsample sizes from the skip tensors
+        # (wrappers.explicit_upsample_sizes), as diffusers does for sizes its UNet does not divide; the
+        # smallest side leaves one latent at the UNet's lowest level (latentrt.sizes)
+        "size_multiple": f,
+        "min_size": f * 2 ** (len(unet.config.block_out_channels) - 1),
         "time_cond_proj_dim": unet.config.time_cond_proj_dim,
         "cross_attention_dim": int(unet.config.cross_attention_dim),
         "seq_len": int(tok.model_max_length),

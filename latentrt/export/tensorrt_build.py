@@ -36,6 +36,7 @@ from ..engine_cache import (ENGINES_DIR, component_profile_view, engine_key, eng
                             onnx_sha)
 from ..manifest import BundleError, read_manifest, sha256_file, verify_files, write_bytes_atomic
 from ..profiles import BuilderOptions, InputShapes, Profile
+from ..sizes import SizeRange
 
 TWO_GIB = 2 << 30
 
@@ -243,12 +244,14 @@ def build_engines(bundle, profile: Profile, *, api: TensorRTBuilderAPI | None = 
         progress(f"warning: profile {profile.name!r} is meant for {profile.pipeline!r} bundles; this one is "
                  f"{manifest.pipeline!r}")
     check_precisions(manifest, profile, names)
-    multiple = manifest.constants.get("size_multiple")
+    sizes = SizeRange.from_constants(manifest.constants)
     for sym in ("H", "W"):
         r = profile.dims.get(sym)
-        if r and multiple and any(v % int(multiple) for v in r.as_list()):
-            progress(f"warning: profile {profile.name!r} gives {sym}={r}, but this bundle's sizes must be multiples "
-                     f"of {multiple}; sizes that are not will be refused at run time")
+        refused = sorted({v for v in (r.as_list() if r else ()) if not sizes.valid(v)})
+        if refused:
+            near = "; ".join(f"{v}: use {' or '.join(map(str, sizes.nearest(v)))}" for v in refused)
+            progress(f"warning: profile {profile.name!r} gives {sym}={r}, but this bundle takes {sizes.describe()}, "
+                     f"so calls at {', '.join(map(str, refused))} will be refused at run time ({near})")
     shapes = {c: profile.shapes_for(manifest.components[c].spec) for c in names}  # validate all before building
     verify_files(bundle, manifest, names)
     api = api or TensorRTAPI()

@@ -32,7 +32,8 @@ def test_manifest_describes_every_component(lcm_bundle):
         assert len(entry.parity["sizes"]) == 2  # checked at two sizes, batch 1 and 2
     k = m.constants
     assert (k["vae_scale_factor"], k["vae_scaling_factor"], k["time_cond_proj_dim"]) == (8, 0.18215, 32)
-    assert k["default_height"] == 64 and k["size_multiple"] == 16
+    assert k["default_height"] == 64 and k["size_multiple"] == 8  # every multiple of the VAE factor
+    assert (k["min_size"], k["max_size"], k["max_batch"]) == (16, 256, 16)  # 2-level UNet; 4x the default size
     assert {"torch", "diffusers", "transformers", "onnx", "latentrt"} <= set(m.tools)
     for f in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json"):
         assert (lcm_bundle / f).is_file()

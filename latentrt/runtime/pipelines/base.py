@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ...manifest import REEXPORT_HINT, BundleError
+from ...sizes import MAX_SIZE_HINT, SizeRange
+from ...spec import SpecError
 from .. import limits
 from ..arguments import check_arguments
 from ..bundle import Bundle
@@ -146,20 +148,43 @@ class BasePipeline(VaeTiling):
             )
 
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The call's (height, width): given, or the bundle's default; refused (before any engine runs)
+        outside the sizes the bundle supports (:mod:`latentrt.sizes`) or its engines' profile ranges."""
         h = height or int(self.constants["default_height"])
         w = width or int(self.constants["default_width"])
-        m = int(self.constants.get("size_multiple", self.vae_scale_factor))
-        for name, v in (("height", h), ("width", w)):
-            if not isinstance(v, (int, np.integer)) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer; got {v!r}")
-            if v % 8:
-                raise ValueError(f"{name}={v} is not a multiple of 8; use {v - v % 8 or 8} or {v + 8 - v % 8}")
-            if v % m:
-                raise ValueError(
-                    f"{name}={v} is not a multiple of {m}, which this bundle's UNet needs (its latents are "
-                    f"downsampled {m // self.vae_scale_factor}x); use {v - v % m or m} or {v + m - v % m}"
-                )
+        self.check_image_size(h, w)
         return int(h), int(w)
+
+    @property
+    def size_range(self) -> SizeRange:
+        return SizeRange.from_constants(self.constants, self.vae_scale_factor)
+
+    def check_image_size(self, height, width) -> None:
+        """Sides in the bundle's size range, then in every engine's profile range (TensorRT)."""
+        r = self.size_range
+        for name, v in (("height", height), ("width", width)):
+            problem = r.problem(name, v, fix_max=MAX_SIZE_HINT)
+            if problem:
+                raise ValueError(problem)
+        self.check_engine_limits(int(height), int(width))
+
+    def check_engine_limits(self, height: int, width: int, *, unit: str = "px", where: str = "") -> None:
+        """Refuse sizes outside an engine's profile range (engines built for a shape profile carry the
+        ranges of the spec symbols ``H`` / ``W``) before any engine runs."""
+        for component, engine in self.engines.items():
+            for sym, v in (("H", height), ("W", width)):
+                lo, hi = getattr(engine, "limits", {}).get(sym, (v, v))
+                if not lo <= v <= hi:
+                    near = " or ".join(map(str, SizeRange(self.size_range.multiple, lo, hi).nearest(v)))
+                    raise SpecError(f"{where}{sym}={v} is outside the {component} engine's profile range [{lo}, {hi}] "
+                                    f"({unit}); use {near}, or rebuild the engines with a profile that covers it "
+                                    "(latentrt build --profile ...)")
+
+    def check_batch(self, images: int) -> None:
+        """At most the bundle's ``max_batch`` images per call (checked before any engine runs)."""
+        problem = self.size_range.batch_problem(int(images))
+        if problem:
+            raise ValueError(problem)
 
     @staticmethod
     def prompt_list(prompt, prompt_embeds) -> tuple[list[str] | None, int]:
@@ -214,18 +239,24 @@ class BasePipeline(VaeTiling):
 
     def encode_image(self, image: Any, batch_size: int, rng: NoiseSource) -> np.ndarray:
         """Image -> scaled latents for ``batch_size`` images, drawing as diffusers does
-        (one latent-distribution sample per input image, then repeated to the batch)."""
+        (one latent-distribution sample per input image, then repeated to the batch). The size is
+        checked (:meth:`check_image_size`) before the VAE encoder runs."""
+        f = self.vae_scale_factor
         if self.is_latents(image):
             init = np.asarray(image, dtype=np.float32)
+            self.check_image_size(init.shape[2] * f, init.shape[3] * f)
         elif self.vae_choice == "tiny":  # TAESD encodes to latents directly: no draw
             if not self.bundle.has("tiny_vae_encoder"):
                 raise ValueError(f"{self.bundle.path}: image-to-image with vae='tiny' needs tiny_vae_encoder, which "
                                  "this bundle lacks; use vae='full' or re-export with --tiny-vae")
-            pixels = to_nchw(image, vae_scale_factor=self.vae_scale_factor)
-            init = self.run_vae("tiny_vae_encoder", pixels, "encode", "sample", "latents") * self.vae_scaling()
+            pixels = to_nchw(image, vae_scale_factor=f)
+            self.check_image_size(pixels.shape[2], pixels.shape[3])
+            init = np.asarray(self.run_vae("tiny_vae_encoder", pixels, "encode", "sample", "latents"),
+                              np.float32) * self.vae_scaling()
         else:
-            pixels = to_nchw(image, vae_scale_factor=self.vae_scale_factor)
-            params = self.run_vae("vae_encoder", pixels, "encode", "sample", "latent_parameters")
+            pixels = to_nchw(image, vae_scale_factor=f)
+            self.check_image_size(pixels.shape[2], pixels.shape[3])
+            params = np.asarray(self.run_vae("vae_encoder", pixels, "encode", "sample", "latent_parameters"), np.float32)
             init = self.sample_latent_dist(params, rng) * float(self.constants["vae_scaling_factor"])
         n = init.shape[0]
         if batch_size % n:
@@ -255,10 +286,9 @@ class BasePipeline(VaeTiling):
         return x * np.float32(plan.init_noise_sigma)
 
     def noised_image_latents(self, sched, plan, image: Any, batch: int, rng: NoiseSource) -> np.ndarray:
-        """Image-to-image start: encode the image (checking its size suits the UNet) and noise it to
-        the plan's first timestep, drawing as diffusers does (VAE sample, then the noise)."""
+        """Image-to-image start: encode the image (:meth:`encode_image` checks its size first) and noise
+        it to the plan's first timestep, drawing as diffusers does (VAE sample, then the noise)."""
         init = self.encode_image(image, batch, rng)
-        self.default_size(init.shape[2] * self.vae_scale_factor, init.shape[3] * self.vae_scale_factor)
         return sched.add_noise(plan, init, randn(rng, init.shape), 0)
 
     @staticmethod

@@ -94,6 +94,7 @@ class LCMPipeline(PromptEncoder, BasePipeline):
                           strength=strength if img2img else 1.0)
         rng = as_noise_source(generator)
         bs = batch * num_images_per_prompt
+        self.check_batch(bs)
 
         if prompts is not None:
             embeds = self.text_embeddings(prompts, clip_skip)["hidden"]

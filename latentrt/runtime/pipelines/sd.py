@@ -80,6 +80,7 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
                 raise ValueError(f"{self.bundle.path}: image-to-image needs a vae_encoder, which this bundle lacks")
         else:
             height, width = self.default_size(height, width)
+        self.check_batch(self.prompt_list(prompt, prompt_embeds)[1] * num_images_per_prompt)
         cfg = do_classifier_free_guidance(guidance_scale)
         sched = self.get_scheduler(scheduler)
         plan = sd_plan(sched, num_inference_steps, timesteps, strength if img2img else 1.0)

@@ -234,6 +234,9 @@ class SDXLPipeline(BasePipeline):
         do_cfg = guidance_scale > 1 and not self.time_cond_proj_dim
         n = num_images_per_prompt
         bs = batch * n
+        self.check_batch(bs)
+        if not img2img:
+            height, width = self.default_size(height, width)
 
         # 1. text
         embeds, neg, pooled, neg_pooled = self.conditioning(
@@ -256,7 +259,6 @@ class SDXLPipeline(BasePipeline):
             self.default_size(height, width)
         else:
             plan = sched.plan(None if timesteps is not None else num_inference_steps, timesteps=timesteps)
-            height, width = self.default_size(height, width)
             latents = self.initial_latents(plan, bs, height, width, rng, latents)
 
         # 3. micro-conditioning, laid out exactly as each diffusers pipeline does

@@ -210,6 +210,7 @@ class UnCLIPPipeline(_UnCLIPBase):
         n = self.check_count(num_images_per_prompt)
         noise_level = self.check_noise_level(noise_level)
         height, width = self.default_size(height, width)
+        self.check_batch(batch * n)
         rng = as_noise_source(generator)
 
         embeds = self.run_prior(prompts, n, prior_num_inference_steps, prior_guidance_scale, prior_latents, rng,
@@ -304,6 +305,7 @@ class UnCLIPImg2ImgPipeline(_UnCLIPBase):
         n = self.check_count(num_images_per_prompt)
         noise_level = self.check_noise_level(noise_level)
         height, width = self.default_size(height, width)
+        self.check_batch(batch * n)
         rng = as_noise_source(generator)
 
         cfg = do_classifier_free_guidance(guidance_scale)

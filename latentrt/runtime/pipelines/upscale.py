@@ -128,13 +128,7 @@ class LatentUpscalePipeline(BasePipeline):
                              f"{m // f}) for the UNet's downsampling; crop or resize to "
                              f"{h - h % m or m}x{w - w % m or m}")
         # engines built for a shape profile (TensorRT) carry ranges of the same symbols (input pixels)
-        for name, engine in self.engines.items():
-            for sym, value in (("H", h), ("W", w)):
-                lo_e, hi_e = getattr(engine, "limits", {}).get(sym, (value, value))
-                if not lo_e <= value <= hi_e:
-                    raise ValueError(f"{where}: {sym}={value} is outside the {name} engine's profile range "
-                                     f"[{lo_e}, {hi_e}] (input pixels); rebuild the engines with a profile that "
-                                     "covers it (latentrt build --profile ...)")
+        self.check_engine_limits(h, w, unit="input pixels", where=f"{where}: ")
 
     def low_res_latents(self, kind: str, value: Any, batch_size: int, rng) -> np.ndarray:
         """The latents to upscale, one per prompt: given, or encoded from the image (one draw)."""
@@ -264,6 +258,7 @@ class LatentUpscalePipeline(BasePipeline):
                                            pooled_prompt_embeds, negative_prompt_embeds,
                                            negative_pooled_prompt_embeds)
         batch = hidden.shape[0] // (2 if do_cfg else 1)
+        self.check_batch(batch)
         sched = self.get_scheduler(scheduler)
         plan = sched.plan(num_inference_steps)
         rng = as_noise_source(generator)
