@@ -124,6 +124,27 @@ def write_support_files(pipe, root: Path, kind: str) -> None:
     write_json_atomic(root / "model_index.json", index)
 
 
+def export_plans(plans, root: Path, *, precision: str, overrides: dict, check: str, export_sizes: dict,
+                 check_sizes: list, progress: Callable[[str], None], folder=lambda name: name) -> dict:
+    """Export each plan's component into ``root / folder(name)``; the manifest entries by name."""
+    entries = {}
+    for plan in plans:
+        name = plan.spec.name
+        prec = overrides.get(name, precision)
+        progress(f"exporting {name} ({prec})")
+        opts = ExportOptions(precision=prec, value_ranges=plan.value_ranges, progress=progress, check=check != "off")
+        entry = export_component(plan.module, plan.spec, root / folder(name), export_sizes=export_sizes,
+                                 check_sizes=check_sizes, options=opts, bundle_root=root)
+        p = entry.parity
+        if "max_abs" in p:
+            progress(f"  {name}: max abs error vs torch {p['max_abs']:.2e} (relative {p['max_rel']:.2e}, "
+                     f"tolerance {p['tolerance']}) in {p['export_seconds']:.1f}s")
+        else:
+            progress(f"  {name}: exported in {p['export_seconds']:.1f}s (not checked against torch)")
+        entries[name] = entry
+    return entries
+
+
 def export_bundle(
     src,
     out,
@@ -140,6 +161,8 @@ def export_bundle(
     vae=None,
     low_memory: bool = False,
     trace_size: int | None = None,
+    controlnets=None,
+    adapter=None,
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
@@ -161,6 +184,11 @@ def export_bundle(
     check fp16 graphs against the fp16 module. An fp16 SDXL export then peaks near the size of the
     fp16 model plus one fp16 UNet graph instead of the fp32 model plus two fp16 copies (which does
     not fit in 24 GiB). LoRAs are then fused in the loaded precision, as a diffusers fp16 pipeline does.
+
+    ``controlnets`` (hub ids, local folders or ``ControlNetModel`` s, in order) and ``adapter`` (a
+    ``T2IAdapter`` likewise) add conditioning components and the UNet graph that takes their residuals
+    (see :mod:`latentrt.export.control`); :func:`latentrt.export.control_bundle.add_conditioning` adds
+    them to an existing bundle.
     """
     overrides = parse_component_precisions(precision, component_precision)
     check = {True: "full", False: "quick"}.get(check, check) if isinstance(check, bool) else check
@@ -206,6 +234,16 @@ def export_bundle(
         tiny_plans, tiny_constants = tiny_vae_plans(tiny_model, constants)
         plans = [*plans, *tiny_plans]
         constants = {**constants, **tiny_constants}
+    control_extra = None
+    if controlnets or adapter is not None:
+        import torch
+
+        from .control import conditioning_plans
+
+        control_plans, control_extra = conditioning_plans(
+            pipe, constants, plans, controlnets=list(controlnets or ()), adapter=adapter, progress=progress,
+            dtype=load_dtypes(precision, overrides)["default"] if low_memory else torch.float32)
+        plans = [*plans, *control_plans]
 
     dh, dw, m = constants["default_height"], constants["default_width"], constants["size_multiple"]
     if trace_size is not None:
@@ -216,21 +254,8 @@ def export_bundle(
     check_sizes = [export_sizes, {"B": 2, "H": dh, "W": dw + m}] if check == "full" else [export_sizes]
 
     with atomic_bundle_dir(Path(out), overwrite=overwrite) as root:
-        entries = {}
-        for plan in plans:
-            name = plan.spec.name
-            prec = overrides.get(name, precision)
-            progress(f"exporting {name} ({prec})")
-            opts = ExportOptions(precision=prec, value_ranges=plan.value_ranges, progress=progress, check=check != "off")
-            entry = export_component(plan.module, plan.spec, root / name, export_sizes=export_sizes,
-                                     check_sizes=check_sizes, options=opts, bundle_root=root)
-            p = entry.parity
-            if "max_abs" in p:
-                progress(f"  {name}: max abs error vs torch {p['max_abs']:.2e} (relative {p['max_rel']:.2e}, "
-                         f"tolerance {p['tolerance']}) in {p['export_seconds']:.1f}s")
-            else:
-                progress(f"  {name}: exported in {p['export_seconds']:.1f}s (not checked against torch)")
-            entries[name] = entry
+        entries = export_plans(plans, root, precision=precision, overrides=overrides, check=check,
+                               export_sizes=export_sizes, check_sizes=check_sizes, progress=progress)
         write_support_files(pipe, root, recipe.kind)
         recipe_extra = recipe.support_files(pipe, root) if recipe.support_files is not None else None
         manifest = Manifest(pipeline=recipe.kind, components=entries, constants=constants, source=source,
@@ -245,6 +270,8 @@ def export_bundle(
             manifest.extra["tiny_vae"] = tiny_source
         if vae_source is not None:
             manifest.extra["vae"] = vae_source
+        if control_extra:
+            manifest.extra["control"] = control_extra
         manifest.write(root)
     progress(f"wrote {out} ({manifest.extra['export_seconds']:.1f}s)")
     return manifest
