@@ -37,9 +37,34 @@ ADAPTER_UNET = "unet_adapter"
 ADAPTER = "adapter"
 
 
+class _GatedCondProj(torch.nn.Module):
+    """``cond_proj(timestep_cond) * gate``: gate 0 is diffusers' ``timestep_cond=None`` exactly."""
+
+    def __init__(self, proj, gate):
+        super().__init__()
+        self.proj, self.gate = proj, gate
+
+    def forward(self, condition):
+        return self.proj(condition) * self.gate[:, None].to(condition.dtype)
+
+
 class _ResidualInputs:
     """The residual inputs of the spec as the UNet's keyword arguments (a fresh list each call:
-    diffusers pops the adapter features off it)."""
+    diffusers pops the adapter features off it). An LCM UNet's graph also takes ``timestep_cond_gate``
+    (B,): 1 uses ``timestep_cond``, 0 runs as diffusers does without it (what
+    ``StableDiffusionControlNetImg2ImgPipeline`` does on an LCM UNet)."""
+
+    def forward(self, *args):
+        kw = dict(zip(self.input_names, args))
+        if "timestep_cond_gate" not in kw:
+            return super().forward(*args)
+        emb = self.unet.time_embedding
+        proj = emb.cond_proj
+        emb.cond_proj = _GatedCondProj(proj, kw["timestep_cond_gate"])
+        try:
+            return super().forward(*args)
+        finally:
+            emb.cond_proj = proj
 
     def conditioning_kwargs(self, kw: dict) -> dict:
         down = [kw[n] for n in self.input_names if n.startswith("down_block_res_")]
@@ -169,9 +194,12 @@ def _base_unet_plan(plans) -> ComponentPlan:
 
 
 def residual_unet_plan(base: ComponentPlan, residuals, name: str) -> ComponentPlan:
+    if any(s.name == "timestep_cond" for s in base.spec.inputs):
+        residuals = (*residuals, C.TensorSpec("timestep_cond_gate", "float32", ("B",)))
     spec = C.with_residual_inputs(base.spec, residuals, name)
     cls = ResidualSDXLUNetWrapper if isinstance(base.module, SDXLUNetWrapper) else ResidualUNetWrapper
-    return ComponentPlan(spec, cls(base.module.unet, [s.name for s in spec.inputs]), dict(base.value_ranges))
+    ranges = {**base.value_ranges, "timestep_cond_gate": (0, 1)}
+    return ComponentPlan(spec, cls(base.module.unet, [s.name for s in spec.inputs]), ranges)
 
 
 def controlnet_plan(controlnet, unet_spec: C.ComponentSpec, unet_config, constants: dict, index: int,

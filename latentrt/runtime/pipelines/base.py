@@ -61,6 +61,17 @@ class BasePipeline:
         with self.timer(component):
             return self.engines[component](**inputs)
 
+    def run_lazy(self, component: str, **inputs) -> dict[str, Any]:
+        """:meth:`run`, creating the component's engine on first use (graphs that a call may not need:
+        the ControlNets, the adapter, their UNet graphs, the tiny VAE)."""
+        self.engine_for(component)
+        return self.run(component, **inputs)
+
+    def engine_for(self, component: str):
+        if component not in self.engines:
+            self.engines[component] = self.bundle.engine(component, self.backend, self.device, **self._engine_options)
+        return self.engines[component]
+
     def run_on_device(self, component: str, **inputs) -> dict[str, Any]:
         """Call a component keeping its outputs on the device (engines with ``device_loop``); the
         stage is timed after the device finished it."""
@@ -143,19 +154,20 @@ class BasePipeline:
         return (isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == c
                 and image.shape[-1] > 4 and image.dtype.kind == "f")
 
-    def encode_image(self, image: Any, batch_size: int, rng: NoiseSource) -> np.ndarray:
+    def encode_image(self, image: Any, batch_size: int, rng: NoiseSource, size=(None, None)) -> np.ndarray:
         """Image -> scaled latents for ``batch_size`` images, drawing as diffusers does
-        (one latent-distribution sample per input image, then repeated to the batch)."""
+        (one latent-distribution sample per input image, then repeated to the batch). ``size``:
+        (height, width) PIL images are resized to (each ``None``: the image's own)."""
         if self.is_latents(image):
             init = np.asarray(image, dtype=np.float32)
         elif self.vae_choice == "tiny":  # TAESD encodes to latents directly: no draw
             if not self.bundle.has("tiny_vae_encoder"):
                 raise ValueError(f"{self.bundle.path}: image-to-image with vae='tiny' needs tiny_vae_encoder, which "
                                  "this bundle lacks; use vae='full' or re-export with --tiny-vae")
-            pixels = to_nchw(image, vae_scale_factor=self.vae_scale_factor)
+            pixels = to_nchw(image, vae_scale_factor=self.vae_scale_factor, height=size[0], width=size[1])
             init = np.asarray(self.run("tiny_vae_encoder", sample=pixels)["latents"], np.float32) * self.vae_scaling()
         else:
-            pixels = to_nchw(image, vae_scale_factor=self.vae_scale_factor)
+            pixels = to_nchw(image, vae_scale_factor=self.vae_scale_factor, height=size[0], width=size[1])
             params = self.run("vae_encoder", sample=pixels)["latent_parameters"]
             init = self.sample_latent_dist(np.asarray(params, np.float32), rng) * float(self.constants["vae_scaling_factor"])
         n = init.shape[0]
@@ -183,10 +195,11 @@ class BasePipeline:
                 raise ValueError(f"{name} have shape {x.shape}; expected {shape} for this call")
         return x * np.float32(plan.init_noise_sigma)
 
-    def noised_image_latents(self, sched, plan, image: Any, batch: int, rng: NoiseSource) -> np.ndarray:
+    def noised_image_latents(self, sched, plan, image: Any, batch: int, rng: NoiseSource,
+                             size=(None, None)) -> np.ndarray:
         """Image-to-image start: encode the image (checking its size suits the UNet) and noise it to
         the plan's first timestep, drawing as diffusers does (VAE sample, then the noise)."""
-        init = self.encode_image(image, batch, rng)
+        init = self.encode_image(image, batch, rng, size)
         self.default_size(init.shape[2] * self.vae_scale_factor, init.shape[3] * self.vae_scale_factor)
         return sched.add_noise(plan, init, randn(rng, init.shape), 0)
 
@@ -230,8 +243,8 @@ class BasePipeline:
                 raise ValueError(f"{self.bundle.path}: vae='tiny' needs a tiny VAE (TAESD), which this bundle lacks; "
                                  "re-export it with `latentrt export SRC -o BUNDLE --tiny-vae madebyollin/taesd`")
             for c in self.VAE_COMPONENTS["tiny"]:
-                if c not in self.engines and self.bundle.has(c):
-                    self.engines[c] = self.bundle.engine(c, self.backend, self.device, **self._engine_options)
+                if self.bundle.has(c):
+                    self.engine_for(c)
         self.vae_choice = vae
 
     def vae_scaling(self) -> float:
