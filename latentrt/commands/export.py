@@ -5,8 +5,15 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export a diffusers pipeline (hub id or local folder) to a bundle")
-    p.add_argument("src", help="hub id (owner/name) or a local diffusers folder written by save_pretrained")
-    p.add_argument("-o", "--output", required=True, help="bundle folder to create")
+    p.add_argument("src", nargs="?", help="hub id (owner/name) or a local diffusers folder written by save_pretrained")
+    p.add_argument("-o", "--output", help="bundle folder to create")
+    p.add_argument("--controlnet", action="append", default=[], metavar="CN",
+                   help="also export a ControlNet (hub id or diffusers ControlNetModel folder) and the UNet graph "
+                        "that takes its residuals; repeatable (a multi-ControlNet bundle, in this order)")
+    p.add_argument("--adapter", metavar="AD", help="also export a T2I-Adapter (hub id or diffusers T2IAdapter folder)")
+    p.add_argument("--add-to", metavar="BUNDLE",
+                   help="add the --controlnet(s) to this existing ControlNet bundle (no SRC, no -o: its UNet is "
+                        "not exported again)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default=None,
                    help="precision of every component (default fp32, or the --profile's)")
     p.add_argument("--component-precision", action="append", default=[], metavar="NAME=PREC",
@@ -54,6 +61,17 @@ def run(args) -> int:
     from ..export.bundle import export_bundle
     from ..profiles import export_precision
 
+    if getattr(args, "add_to", None):
+        if args.src or args.output or args.adapter or not args.controlnet:
+            raise SystemExit("latentrt export --add-to BUNDLE takes --controlnet CN (repeatable) and no SRC, -o or "
+                             "--adapter")
+        from ..export.control_bundle import add_conditioning
+
+        add_conditioning(args.add_to, args.controlnet, check=getattr(args, "check", None) or "quick")
+        return 0
+    if not args.src or not args.output:
+        raise SystemExit("latentrt export: SRC and -o OUT are required (or --add-to BUNDLE --controlnet CN)")
+
     precision, component_precision = export_precision(
         getattr(args, "profile", None), args.precision, parse_pairs(args.component_precision, "--component-precision"))
     export_bundle(
@@ -64,5 +82,7 @@ def run(args) -> int:
         **({"tiny_vae": args.tiny_vae} if getattr(args, "tiny_vae", None) else {}),
         **({"loras": args.lora} if getattr(args, "lora", None) else {}),
         **({"vae": args.vae} if getattr(args, "vae", None) else {}),
+        **({"controlnets": args.controlnet} if getattr(args, "controlnet", None) else {}),
+        **({"adapter": args.adapter} if getattr(args, "adapter", None) else {}),
     )
     return 0

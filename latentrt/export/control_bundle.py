@@ -1,0 +1,74 @@
+"""Add ControlNets to an existing bundle without re-exporting its UNet.
+
+The residual UNet graph (``unet_controlnet``) depends on the UNet only, so once a bundle has it,
+a further ControlNet is one more ``controlnet_N`` component. New components are written to
+temporary folders inside the bundle and renamed into place; the manifest, rewritten atomically
+last, is what makes them part of the bundle (a failure before leaves the bundle as it was).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from ..components import ComponentSpec
+from ..manifest import read_manifest
+from .control import CONTROLNET_UNET, controlnet_plan, load_controlnet
+from .precision import parse_component_precisions
+
+
+def add_conditioning(bundle, controlnets, *, check: str = "quick", progress: Callable[[str], None] = print):
+    """Append ``controlnets`` (hub ids, folders or ControlNetModels) to ``bundle``'s ControlNets."""
+    import torch
+
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    control = dict(manifest.extra.get("control") or {})
+    if "adapter" in control:
+        raise ValueError(f"{root}: this bundle has a T2I-Adapter; a bundle takes ControlNets or an adapter, not both")
+    if CONTROLNET_UNET not in manifest.components:
+        raise ValueError(f"{root}: this bundle has no {CONTROLNET_UNET} graph (the UNet with residual inputs); export "
+                         "it once with `latentrt export SRC -o BUNDLE --controlnet CN`, after which more ControlNets "
+                         "can be added without touching the UNet")
+    k = manifest.constants
+    unet_entry = manifest.components["unet"]
+    unet_spec = ComponentSpec("unet", *[tuple(s.with_dtype("float32") if s.dtype == "float16" else s for s in specs)
+                                        for specs in (unet_entry.spec.inputs, unet_entry.spec.outputs)])
+    residuals = [s for s in manifest.components[CONTROLNET_UNET].spec.inputs if s.name.startswith(("down_", "mid_"))]
+    nets = list(control.get("controlnets") or [])
+    plans = []
+    for j, src in enumerate(controlnets):
+        progress(f"loading ControlNet {src}")
+        cn = load_controlnet(src, torch.float32)
+        # the ControlNet's own down blocks give its residuals; they must be the bundle UNet's
+        plan, info = controlnet_plan(cn, unet_spec, cn.config, k, len(nets) + j, str(src))
+        mine, theirs = [s.shape[1:] for s in plan.spec.outputs], [s.shape[1:] for s in residuals]
+        if mine != theirs or int(cn.config.cross_attention_dim) != int(k["cross_attention_dim"]):
+            raise ValueError(f"ControlNet {src} does not fit this bundle's UNet: its residuals (channels, H, W) are "
+                             f"{mine}, cross_attention_dim {cn.config.cross_attention_dim}; the UNet takes {theirs}, "
+                             f"{k['cross_attention_dim']}")
+        plans.append((plan, info))
+    from .bundle import export_plans
+
+    h, w = (manifest.extra.get("export") or {}).get("trace_size") or [k["default_height"], k["default_width"]]
+    sizes = {"B": 1, "H": int(h), "W": int(w)}
+    staging = Path(tempfile.mkdtemp(prefix=".add-", dir=root))
+    try:
+        entries = export_plans([p for p, _ in plans], staging, precision=manifest.precision,
+                               overrides=parse_component_precisions(manifest.precision, None), check=check,
+                               export_sizes=sizes, check_sizes=[sizes], progress=progress)
+        for name, entry in entries.items():
+            target = root / name
+            if target.exists():  # a leftover of an interrupted add: not in the manifest
+                shutil.rmtree(target)
+            (staging / name).rename(target)
+            manifest.components[name] = entry
+        control["controlnets"] = nets + [info for _, info in plans]
+        manifest.extra["control"] = control
+        manifest.write(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress(f"added {len(plans)} ControlNet(s) to {root}")
+    return manifest
