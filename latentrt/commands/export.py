@@ -12,8 +12,8 @@ def register(sub) -> None:
                         "that takes its residuals; repeatable (a multi-ControlNet bundle, in this order)")
     p.add_argument("--adapter", metavar="AD", help="also export a T2I-Adapter (hub id or diffusers T2IAdapter folder)")
     p.add_argument("--add-to", metavar="BUNDLE",
-                   help="add the --controlnet(s) to this existing ControlNet bundle (no SRC, no -o: its UNet is "
-                        "not exported again)")
+                   help="add the --controlnet(s) to this existing bundle (no -o; its UNet is not exported again; a "
+                        "bundle without ControlNets also needs SRC, to export the UNet graph with residual inputs)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default=None,
                    help="precision of every component (default fp32, or the --profile's)")
     p.add_argument("--component-precision", action="append", default=[], metavar="NAME=PREC",
@@ -62,12 +62,12 @@ def run(args) -> int:
     from ..profiles import export_precision
 
     if getattr(args, "add_to", None):
-        if args.src or args.output or args.adapter or not args.controlnet:
-            raise SystemExit("latentrt export --add-to BUNDLE takes --controlnet CN (repeatable) and no SRC, -o or "
-                             "--adapter")
+        if args.output or args.adapter or not args.controlnet:
+            raise SystemExit("latentrt export [SRC] --add-to BUNDLE takes --controlnet CN (repeatable) and no -o or "
+                             "--adapter (SRC: the pipeline the bundle came from, needed for its first ControlNet)")
         from ..export.control_bundle import add_conditioning
 
-        add_conditioning(args.add_to, args.controlnet, check=getattr(args, "check", None) or "quick")
+        add_conditioning(args.add_to, args.controlnet, src=args.src, check=getattr(args, "check", None) or "quick")
         return 0
     if not args.src or not args.output:
         raise SystemExit("latentrt export: SRC and -o OUT are required (or --add-to BUNDLE --controlnet CN)")

@@ -19,8 +19,12 @@ from .control import CONTROLNET_UNET, controlnet_plan, load_controlnet
 from .precision import parse_component_precisions
 
 
-def add_conditioning(bundle, controlnets, *, check: str = "quick", progress: Callable[[str], None] = print):
-    """Append ``controlnets`` (hub ids, folders or ControlNetModels) to ``bundle``'s ControlNets."""
+def add_conditioning(bundle, controlnets, *, src=None, check: str = "quick", progress: Callable[[str], None] = print):
+    """Append ``controlnets`` (hub ids, folders or ControlNetModels) to ``bundle``'s ControlNets.
+
+    A bundle without ControlNets yet lacks the residual UNet graph: ``src`` (the pipeline it was
+    exported from: hub id, folder or a loaded pipeline) then gives the UNet to export it from, once;
+    the bundle's own ``unet`` stays as it is."""
     import torch
 
     root = Path(bundle)
@@ -28,25 +32,32 @@ def add_conditioning(bundle, controlnets, *, check: str = "quick", progress: Cal
     control = dict(manifest.extra.get("control") or {})
     if "adapter" in control:
         raise ValueError(f"{root}: this bundle has a T2I-Adapter; a bundle takes ControlNets or an adapter, not both")
-    if CONTROLNET_UNET not in manifest.components:
-        raise ValueError(f"{root}: this bundle has no {CONTROLNET_UNET} graph (the UNet with residual inputs); export "
-                         "it once with `latentrt export SRC -o BUNDLE --controlnet CN`, after which more ControlNets "
-                         "can be added without touching the UNet")
     k = manifest.constants
+    plans = []
+    if CONTROLNET_UNET not in manifest.components:
+        if src is None:
+            raise ValueError(f"{root}: this bundle has no ControlNet yet, so no {CONTROLNET_UNET} graph (the UNet "
+                             "with residual inputs); pass the pipeline it was exported from as SRC (`latentrt export "
+                             "SRC --add-to BUNDLE --controlnet CN`) to export that graph once")
+        plans.append((_residual_unet_from(src, manifest, progress), None))
     unet_entry = manifest.components["unet"]
     unet_spec = ComponentSpec("unet", *[tuple(s.with_dtype("float32") if s.dtype == "float16" else s for s in specs)
                                         for specs in (unet_entry.spec.inputs, unet_entry.spec.outputs)])
-    residuals = [s for s in manifest.components[CONTROLNET_UNET].spec.inputs if s.name.startswith(("down_", "mid_"))]
+    residual_unet = plans[0][0].spec if plans else manifest.components[CONTROLNET_UNET].spec
+    residuals = [s for s in residual_unet.inputs if s.name.startswith(("down_", "mid_"))]
     nets = list(control.get("controlnets") or [])
-    plans = []
-    for j, src in enumerate(controlnets):
-        progress(f"loading ControlNet {src}")
-        cn = load_controlnet(src, torch.float32)
+    for j, cn_src in enumerate(controlnets):
+        progress(f"loading ControlNet {cn_src}")
+        cn = load_controlnet(cn_src, torch.float32)
         # the ControlNet's own down blocks give its residuals; they must be the bundle UNet's
-        plan, info = controlnet_plan(cn, unet_spec, cn.config, k, len(nets) + j, str(src))
+        plan, info = controlnet_plan(cn, unet_spec, cn.config, k, len(nets) + j, str(cn_src))
         mine, theirs = [s.shape[1:] for s in plan.spec.outputs], [s.shape[1:] for s in residuals]
+        sdxl_net = getattr(cn.config, "addition_embed_type", None) == "text_time"
+        if sdxl_net != (manifest.pipeline == "sdxl"):
+            raise ValueError(f"ControlNet {cn_src} is {'an SDXL' if sdxl_net else 'an SD'} ControlNet; this bundle is "
+                             f"{manifest.pipeline!r}")
         if mine != theirs or int(cn.config.cross_attention_dim) != int(k["cross_attention_dim"]):
-            raise ValueError(f"ControlNet {src} does not fit this bundle's UNet: its residuals (channels, H, W) are "
+            raise ValueError(f"ControlNet {cn_src} does not fit this bundle's UNet: its residuals (channels, H, W) are "
                              f"{mine}, cross_attention_dim {cn.config.cross_attention_dim}; the UNet takes {theirs}, "
                              f"{k['cross_attention_dim']}")
         plans.append((plan, info))
@@ -65,10 +76,28 @@ def add_conditioning(bundle, controlnets, *, check: str = "quick", progress: Cal
                 shutil.rmtree(target)
             (staging / name).rename(target)
             manifest.components[name] = entry
-        control["controlnets"] = nets + [info for _, info in plans]
+        control["controlnets"] = nets + [info for _, info in plans if info is not None]
+        control["controlnet_unet"] = CONTROLNET_UNET
         manifest.extra["control"] = control
         manifest.write(root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    progress(f"added {len(plans)} ControlNet(s) to {root}")
+    progress(f"added {len(controlnets)} ControlNet(s) to {root}")
     return manifest
+
+
+def _residual_unet_from(src, manifest, progress):
+    """The residual UNet plan of the pipeline at ``src`` (checked to be the bundle's kind)."""
+    from .bundle import load_pipeline
+    from .control import controlnet_residuals, residual_unet_plan
+    from .recipes import detect_kind
+
+    pipe = src if hasattr(src, "unet") else load_pipeline(src)[0]
+    recipe = detect_kind(pipe)
+    if recipe.kind != manifest.pipeline:
+        raise ValueError(f"SRC is a {recipe.kind!r} pipeline but the bundle is {manifest.pipeline!r}; pass the "
+                         "pipeline the bundle was exported from")
+    constants = recipe.constants(pipe)
+    base = next(p for p in recipe.components(pipe, constants) if p.spec.name == "unet")
+    progress(f"exporting the residual UNet graph from {src if isinstance(src, str) else type(src).__name__}")
+    return residual_unet_plan(base, controlnet_residuals(pipe.unet.config, constants), CONTROLNET_UNET)
