@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _randomize_zero_convs(controlnet, seed: int, std: float = 0.3):
+def randomize_zero_convs(controlnet, seed: int, std: float = 0.3):
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -33,7 +33,7 @@ def tiny_controlnet(unet, seed: int = 11, *, conditioning_channels: int = 3):
     torch.manual_seed(seed)
     cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8), load_weights_from_unet=False,
                                    conditioning_channels=conditioning_channels)
-    return _randomize_zero_convs(cn, seed).eval()
+    return randomize_zero_convs(cn, seed).eval()
 
 
 def tiny_adapter(seed: int = 21, *, sdxl: bool = False, in_channels: int = 3):
