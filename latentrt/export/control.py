@@ -115,28 +115,24 @@ def _describe(src) -> str:
     return str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__
 
 
-def load_controlnet(src, dtype=torch.float32):
-    """A ``ControlNetModel``: given, or from a hub id / local diffusers folder."""
-    from diffusers import ControlNetModel
+def _load(cls_name: str, src, dtype, option: str, example: str):
+    """A diffusers model of class ``cls_name``: given, or from a hub id / local folder."""
+    import diffusers
 
     if isinstance(src, torch.nn.Module):
         return src.eval()
     if isinstance(src, (str, os.PathLike)) and str(src).startswith((".", "/")) and not Path(src).is_dir():
-        raise FileNotFoundError(f"--controlnet {src}: no such folder (pass a diffusers ControlNetModel folder or a "
-                                "hub id such as lllyasviel/sd-controlnet-canny)")
-    return ControlNetModel.from_pretrained(str(src), torch_dtype=dtype).eval()
+        raise FileNotFoundError(f"{option} {src}: no such folder (pass a diffusers {cls_name} folder or a hub id such "
+                                f"as {example})")
+    return getattr(diffusers, cls_name).from_pretrained(str(src), dtype=dtype).eval()
+
+
+def load_controlnet(src, dtype=torch.float32):
+    return _load("ControlNetModel", src, dtype, "--controlnet", "lllyasviel/sd-controlnet-canny")
 
 
 def load_adapter(src, dtype=torch.float32):
-    """A ``T2IAdapter``: given, or from a hub id / local diffusers folder."""
-    from diffusers import T2IAdapter
-
-    if isinstance(src, torch.nn.Module):
-        return src.eval()
-    if isinstance(src, (str, os.PathLike)) and str(src).startswith((".", "/")) and not Path(src).is_dir():
-        raise FileNotFoundError(f"--adapter {src}: no such folder (pass a diffusers T2IAdapter folder or a hub id "
-                                "such as TencentARC/t2iadapter_canny_sd15v2)")
-    return T2IAdapter.from_pretrained(str(src), torch_dtype=dtype).eval()
+    return _load("T2IAdapter", src, dtype, "--adapter", "TencentARC/t2iadapter_canny_sd15v2")
 
 
 def unet_residual_shapes(unet_config, vae_scale_factor: int):
