@@ -112,7 +112,19 @@ class AdapterWrapper(torch.nn.Module):
 
 
 def _describe(src) -> str:
-    return str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__
+    """How the manifest names a source: a local folder's absolute path, a hub id, or the class of an
+    in-memory model (which the torch backend cannot load again)."""
+    if isinstance(src, (str, os.PathLike)):
+        return str(Path(src).resolve()) if Path(src).is_dir() else str(src)
+    return type(src).__name__
+
+
+def manifest_control_plans(pipe, constants: dict, plans, control: dict) -> list[ComponentPlan]:
+    """The conditioning plans of a bundle's ``extra["control"]``, from the sources it records (for the
+    torch backend, which runs each component's own torch module)."""
+    nets = [c["source"] for c in control.get("controlnets") or []]
+    adapter = (control.get("adapter") or {}).get("source")
+    return conditioning_plans(pipe, constants, plans, controlnets=nets, adapter=adapter, progress=lambda *_: None)[0]
 
 
 def _load(cls_name: str, src, dtype, option: str, example: str):
