@@ -68,16 +68,18 @@ def main() -> None:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         ref.set_progress_bar_config(disable=True)
 
-    results = {k: {"e2e": [], "unet": [], "unet_controlnet": [], "controlnet_0": []} for k in systems}
+    results = {k: {"e2e": [], "unet": [], "unet_controlnet": [], "controlnet_0": [], "text_encoder": [],
+                   "vae_decoder": []} for k in systems}
     results["diffusers ControlNet pipeline"] = {"e2e": []}
     for r in range(args.repeats + 1):  # the first round warms up and is dropped
-        for label, (pipe, extra) in systems.items():
+        items = list(systems.items())
+        for label, (pipe, extra) in items[r % len(items):] + items[:r % len(items)]:  # rotate who goes first
             t0 = time.perf_counter()
             out = pipe("a house", generator=r, **kw, **extra)
             dt = time.perf_counter() - t0
             if r:
                 results[label]["e2e"].append(dt)
-                for stage in ("unet", "unet_controlnet", "controlnet_0"):
+                for stage in ("unet", "unet_controlnet", "controlnet_0", "text_encoder", "vae_decoder"):
                     results[label][stage] += out.timings.get(stage, [])
         if ref is not None:
             import torch
@@ -92,12 +94,40 @@ def main() -> None:
         return f"{1000 * statistics.median(v):.1f} ms" if v else "-"
 
     print(f"\n{args.model}: {size}x{size}, {args.steps} steps, {args.threads} threads, medians of {args.repeats}\n")
-    print("| system | e2e | UNet step (plain graph) | UNet step (residual graph) | ControlNet step |")
-    print("|---|---|---|---|---|")
+    print("| system | e2e | UNet step (plain graph) | UNet step (residual graph) | ControlNet step | text encoder | "
+          "VAE decode |")
+    print("|---|---|---|---|---|---|---|")
     for label, v in results.items():
         if v["e2e"]:
             print(f"| {label} | {ms(v['e2e'])} | {ms(v.get('unet', []))} | {ms(v.get('unet_controlnet', []))} | "
-                  f"{ms(v.get('controlnet_0', []))} |")
+                  f"{ms(v.get('controlnet_0', []))} | {ms(v.get('text_encoder', []))} | {ms(v.get('vae_decoder', []))} |")
+    if "plain bundle" in systems:
+        ab = engine_ab(systems["plain bundle"][0], cn_pipe)
+        print(f"\nunet engine alone, interleaved (median of 40 x 5 calls): bundle without ControlNets "
+              f"{1000 * ab['without']:.2f} ms, with ControlNets (their sessions loaded) {1000 * ab['with']:.2f} ms")
+
+
+def engine_ab(plain, controlled, rounds: int = 40, calls: int = 5) -> dict[str, float]:
+    """The ``unet`` engine of both pipelines on the same inputs, alternating which goes first: the
+    plain-generation UNet step of a bundle without and with ControlNets (after its ControlNet
+    sessions exist), without the rest of the pipeline's noise."""
+    spec = plain.bundle.manifest.components["unet"].spec
+    rng = np.random.default_rng(0)
+    from latentrt.spec import make_dummy
+
+    k = plain.constants
+    inputs = {s.name: make_dummy(s, {"B": 1, "H": k["default_height"], "W": k["default_width"]}, rng, high=999)
+              for s in spec.inputs}
+    inputs["timestep"] = inputs["timestep"].astype(np.float32)
+    res = {"without": [], "with": []}
+    for r in range(rounds):
+        order = [("without", plain), ("with", controlled)]
+        for key, pipe in order if r % 2 else order[::-1]:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                pipe.engines["unet"](**inputs)
+            res[key].append((time.perf_counter() - t0) / calls)
+    return {key: statistics.median(v) for key, v in res.items()}
 
 
 if __name__ == "__main__":
