@@ -40,7 +40,9 @@ def main() -> None:
     base = CONTROLNETS[name][1]
     plain_dir, cn_dir = ensure_bundle(base), ensure_controlnet_bundle(name)
     rng = np.random.default_rng(0)
-    control = (rng.uniform(0, 1, (size, size, 3)) > 0.9).astype(np.float32)  # a sparse edge-like map
+    from PIL import Image
+
+    control = Image.fromarray(((rng.uniform(0, 1, (size, size, 3)) > 0.9) * 255).astype(np.uint8))  # sparse edges
     kw = dict(num_inference_steps=args.steps, guidance_scale=8.0, height=size, width=size, output_type="np")
 
     systems = {}
