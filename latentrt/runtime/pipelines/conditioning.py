@@ -27,7 +27,6 @@ have the call's size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
