@@ -230,3 +230,67 @@ def image_encoder_spec(*, image_size: tuple[int, int], embedding_dim: int,
         (TensorSpec("pixel_values", f, ("B", 3, int(image_size[0]), int(image_size[1]))),),
         (TensorSpec("image_embeds", f, ("B", embedding_dim)),),
     )
+
+
+# -- conditioning (ControlNet, T2I-Adapter): residuals the UNet adds at fixed places -----------------
+# A residual's spatial dims are ``H/k`` for its downsampling ``k`` (pixels per latent-or-feature
+# pixel), so one declaration serves every image size.
+
+MID_RESIDUAL = "mid_block_res"
+
+
+def down_residual_names(n: int) -> list[str]:
+    """The ControlNet outputs / UNet inputs added to the UNet's skip connections, in diffusers' order
+    (``down_block_additional_residuals``)."""
+    return [f"down_block_res_{i}" for i in range(n)]
+
+
+def adapter_feature_names(n: int) -> list[str]:
+    """The T2I-Adapter outputs / UNet inputs ``down_intrablock_additional_residuals``, in order."""
+    return [f"adapter_feature_{i}" for i in range(n)]
+
+
+def unet_down_residual_shapes(*, block_out_channels, layers_per_block, vae_scale_factor: int,
+                              down_block_count: int | None = None) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """(channels, downsampling) of every down-block residual of a UNet2DConditionModel / ControlNetModel
+    (``conv_in``'s output, each resnet's, each downsampler's) and of the mid block's output."""
+    blocks = list(block_out_channels)
+    lpb = [layers_per_block] * len(blocks) if isinstance(layers_per_block, int) else list(layers_per_block)
+    f = int(vae_scale_factor)
+    shapes = [(int(blocks[0]), f)]
+    for i, c in enumerate(blocks):
+        shapes += [(int(c), f)] * int(lpb[i])
+        if i < len(blocks) - 1:
+            f *= 2
+            shapes.append((int(c), f))
+    return shapes, (int(blocks[-1]), f)
+
+
+def residual_specs(names, shapes) -> tuple[TensorSpec, ...]:
+    """float32 ``(B, C, H/k, W/k)`` specs for ``names`` and their (channels, k)."""
+    return tuple(TensorSpec(n, "float32", ("B", c, f"H/{k}", f"W/{k}")) for n, (c, k) in zip(names, shapes))
+
+
+def controlnet_spec(unet: ComponentSpec, *, cond_channels: int, down_shapes, mid_shape,
+                    name: str = "controlnet_0") -> ComponentSpec:
+    """ControlNetModel with the I/O its pipeline uses: the UNet's ``sample``, ``timestep`` and
+    ``encoder_hidden_states`` (+ SDXL's ``text_embeds`` and ``time_ids``; never ``timestep_cond``,
+    which diffusers does not pass it), the control image in [0, 1] -> the residuals at scale 1."""
+    take = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
+    inputs = [s for s in unet.inputs if s.name in take]
+    inputs.insert(3, TensorSpec("controlnet_cond", "float32", ("B", int(cond_channels), "H", "W")))
+    outputs = residual_specs(down_residual_names(len(down_shapes)), down_shapes) + \
+        residual_specs([MID_RESIDUAL], [mid_shape])
+    return ComponentSpec(name, tuple(inputs), outputs)
+
+
+def adapter_spec(*, in_channels: int, feature_shapes, name: str = "adapter") -> ComponentSpec:
+    """T2IAdapter: the adapter image in [0, 1] (its own channel count: 1 for sketches and edges, 3 for
+    colour) -> its features, unscaled."""
+    return ComponentSpec(name, (TensorSpec("image", "float32", ("B", int(in_channels), "H", "W")),),
+                         residual_specs(adapter_feature_names(len(feature_shapes)), feature_shapes))
+
+
+def with_residual_inputs(unet: ComponentSpec, residuals: tuple[TensorSpec, ...], name: str) -> ComponentSpec:
+    """A UNet spec that also takes ``residuals`` (a ControlNet's outputs or an adapter's features)."""
+    return ComponentSpec(name, unet.inputs + tuple(residuals), unet.outputs)

@@ -187,3 +187,75 @@ def taesd_folder_of(bundle: Path) -> Path | None:
     if tv.get("path") and Path(tv["path"]).is_dir():
         return Path(tv["path"])
     return tv.get("id")
+
+
+# -- ControlNet (issue 13): lllyasviel/sd-controlnet-canny's architecture for the SD1.5 UNet ----------
+
+#: ControlNetModel config of lllyasviel/sd-controlnet-canny (SD1.5 down blocks + conditioning embedding)
+SD15_CONTROLNET = dict(
+    in_channels=4, conditioning_channels=3, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False,
+    conditioning_embedding_out_channels=(16, 32, 96, 256), controlnet_conditioning_channel_order="rgb",
+    global_pool_conditions=False,
+)
+
+#: bench ControlNet name -> (its config, the bench model whose UNet it fits)
+CONTROLNETS = {"sd15-controlnet-canny": (SD15_CONTROLNET, "sd15-lcm"),
+               "tiny-controlnet": (None, "tiny-lcm")}
+
+
+def ensure_controlnet(name: str, cache_dir: Path | None = None, progress: Callable[[str], None] = print) -> Path:
+    """The cached ControlNetModel folder ``name`` (random weights, zero convolutions made non-zero
+    and small so the residuals are realistic), built on first use."""
+    if name not in CONTROLNETS:
+        raise ValueError(f"unknown benchmark ControlNet {name!r}; known: {sorted(CONTROLNETS)}")
+    cache = Path(cache_dir or default_cache_dir())
+    out = cache / "models" / name
+    if not (out / "config.json").is_file():
+        import torch
+        from diffusers import ControlNetModel, UNet2DConditionModel
+
+        from ..export.bundle import atomic_bundle_dir
+        from ..export.tiny_control import randomize_zero_convs
+
+        config, base = CONTROLNETS[name]
+        progress(f"building {name} (random weights, seed {SEED})")
+        torch.manual_seed(SEED)
+        if config is None:  # shaped like the tiny model's UNet
+            unet = UNet2DConditionModel.from_pretrained(str(ensure_model(base, cache, progress) / "unet"))
+            cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8),
+                                           load_weights_from_unet=False)
+        else:
+            cn = ControlNetModel(**config)
+        randomize_zero_convs(cn, SEED, std=0.01)
+        with atomic_bundle_dir(out, overwrite=True) as tmp:
+            cn.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="2GB")
+    return out
+
+
+def ensure_controlnet_bundle(name: str, precision: str = "fp32", cache_dir: Path | None = None,
+                             progress: Callable[[str], None] = print) -> Path:
+    """The cached bundle of bench model ``CONTROLNETS[name][1]`` plus ControlNet ``name``: the plain
+    bundle's files hard-linked (not copied), then :func:`~latentrt.export.control_bundle.add_conditioning`
+    (the residual UNet graph and the ControlNet)."""
+    import shutil
+
+    from ..export.bundle import atomic_bundle_dir
+    from ..export.control_bundle import add_conditioning
+
+    cache = Path(cache_dir or default_cache_dir())
+    base_name = CONTROLNETS[name][1]
+    out = cache / "bundles" / f"{base_name}-{name}-{precision}"
+    if (out / "latentrt.json").is_file():
+        return out
+    base = ensure_bundle(base_name, precision, cache, progress)
+    cn = ensure_controlnet(name, cache, progress)
+    with atomic_bundle_dir(out, overwrite=True) as tmp:
+        shutil.rmtree(tmp)
+        shutil.copytree(base, tmp, copy_function=os.link, ignore=shutil.ignore_patterns(".cache"))
+        add_conditioning(tmp, [str(cn)], src=str(ensure_model(base_name, cache, progress)), check="off",
+                         progress=progress)
+    return out

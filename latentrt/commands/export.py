@@ -5,9 +5,16 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export a diffusers pipeline (hub id or local folder) to a bundle")
-    p.add_argument("src", help="hub id (owner/name), a local diffusers folder written by save_pretrained, or a "
-                               "single-file checkpoint (.safetensors; .ckpt with --allow-pickle)")
-    p.add_argument("-o", "--output", required=True, help="bundle folder to create")
+    p.add_argument("src", nargs="?", help="hub id (owner/name), a local diffusers folder written by save_pretrained, "
+                                          "or a single-file checkpoint (.safetensors; .ckpt with --allow-pickle)")
+    p.add_argument("-o", "--output", help="bundle folder to create (not with --add-to)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="CN",
+                   help="also export a ControlNet (hub id or diffusers ControlNetModel folder) and the UNet graph "
+                        "that takes its residuals; repeatable (a multi-ControlNet bundle, in this order)")
+    p.add_argument("--adapter", metavar="AD", help="also export a T2I-Adapter (hub id or diffusers T2IAdapter folder)")
+    p.add_argument("--add-to", metavar="BUNDLE",
+                   help="add the --controlnet(s) to this existing bundle (no -o; its UNet is not exported again; a "
+                        "bundle without ControlNets also needs SRC, to export the UNet graph with residual inputs)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default=None,
                    help="precision of every component (default fp32, or the --profile's)")
     p.add_argument("--component-precision", action="append", default=[], metavar="NAME=PREC",
@@ -69,6 +76,17 @@ def run(args) -> int:
     from ..export.bundle import export_bundle
     from ..profiles import export_precision
 
+    if getattr(args, "add_to", None):
+        if args.output or args.adapter or not args.controlnet:
+            raise SystemExit("latentrt export [SRC] --add-to BUNDLE takes --controlnet CN (repeatable) and no -o or "
+                             "--adapter (SRC: the pipeline the bundle came from, needed for its first ControlNet)")
+        from ..export.control_bundle import add_conditioning
+
+        add_conditioning(args.add_to, args.controlnet, src=args.src, check=getattr(args, "check", None) or "quick")
+        return 0
+    if not args.src or not args.output:
+        raise SystemExit("latentrt export: SRC and -o OUT are required (or --add-to BUNDLE --controlnet CN)")
+
     precision, component_precision = export_precision(
         getattr(args, "profile", None), args.precision, parse_pairs(args.component_precision, "--component-precision"))
     export_bundle(
@@ -84,5 +102,7 @@ def run(args) -> int:
         **({"textual_inversions": args.textual_inversion} if getattr(args, "textual_inversion", None) else {}),
         allow_pickle=getattr(args, "allow_pickle", False),
         **({"config": args.config} if getattr(args, "config", None) else {}),
+        **({"controlnets": args.controlnet} if getattr(args, "controlnet", None) else {}),
+        **({"adapter": args.adapter} if getattr(args, "adapter", None) else {}),
     )
     return 0

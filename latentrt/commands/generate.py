@@ -70,8 +70,67 @@ def register(sub) -> None:
     p.add_argument("--upscale-steps", type=int, default=20, help="the upscaler's num_inference_steps (default 20)")
     p.add_argument("--upscale-guidance", type=float, default=9.0,
                    help="the upscaler's guidance_scale (default 9; 0 ignores the prompt)")
+    add_control_args(p)
     add_runtime_args(p)
     p.set_defaults(func=run)
+
+
+def add_control_args(p) -> None:
+    """ControlNet / T2I-Adapter options (bundles exported with --controlnet / --adapter)."""
+    p.add_argument("--control-image", action="append", default=[], metavar="PNG",
+                   help="conditioning image (edges, pose, depth...); repeat once per ControlNet, in the bundle's order")
+    p.add_argument("--control-scale", metavar="S[,S...]",
+                   help="controlnet_conditioning_scale (adapter_conditioning_scale for an adapter bundle): one "
+                        "number or one per ControlNet")
+    p.add_argument("--control-start", metavar="F[,F...]", help="control_guidance_start (default 0)")
+    p.add_argument("--control-end", metavar="F[,F...]", help="control_guidance_end (default 1)")
+    p.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode")
+    p.add_argument("--adapter-factor", type=float, help="adapter_conditioning_factor (default 1)")
+    p.add_argument("--canny", metavar="LOW,HIGH",
+                   help="turn each --control-image (a photo) into a Canny edge map first, e.g. --canny 100,200")
+
+
+def _numbers(text: str | None):
+    if text is None:
+        return None
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"expected a number or comma-separated numbers; got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def control_kwargs(args, pipe) -> dict:
+    """The pipeline's conditioning keyword arguments from the --control-* options."""
+    if not args.control_image:
+        if any(getattr(args, k) not in (None, False) for k in ("control_scale", "control_start", "control_end",
+                                                              "guess_mode", "adapter_factor", "canny")):
+            raise SystemExit("--control-scale/--control-start/--control-end/--guess-mode/--adapter-factor/--canny "
+                             "need --control-image")
+        return {}
+    from PIL import Image
+
+    images = [Image.open(path) for path in args.control_image]
+    if args.canny:
+        from ..runtime.control import canny_image
+
+        lo, hi = _numbers(args.canny) if "," in args.canny else (None, None)
+        if lo is None:
+            raise SystemExit(f"--canny takes LOW,HIGH thresholds, e.g. 100,200; got {args.canny!r}")
+        images = [canny_image(i, lo, hi) for i in images]
+    adapter = "adapter" in (pipe.bundle.manifest.extra.get("control") or {})
+    kw = {"control_image": images[0] if len(images) == 1 else images}
+    scale = _numbers(args.control_scale)
+    if scale is not None:
+        kw["adapter_conditioning_scale" if adapter else "controlnet_conditioning_scale"] = scale
+    for key, value in (("control_guidance_start", _numbers(args.control_start)),
+                       ("control_guidance_end", _numbers(args.control_end)),
+                       ("adapter_conditioning_factor", args.adapter_factor)):
+        if value is not None:
+            kw[key] = value
+    if args.guess_mode:
+        kw["guess_mode"] = True
+    return kw
 
 
 def call_kwargs(args) -> dict:
@@ -141,6 +200,7 @@ def run(args) -> int:
         kw.update(image=image)
         if "strength" in inspect.signature(pipe.__call__).parameters:  # unCLIP variations have no strength
             kw["strength"] = args.strength
+    control = control_kwargs(args, pipe)
     n = args.steps or _default_arg(pipe, "num_inference_steps")
     try:
         if hasattr(pipe, "plan"):  # the pipeline knows how it cuts the schedule (SD image-to-image)
@@ -152,17 +212,21 @@ def run(args) -> int:
     cb, close = progress_callback(steps, not args.no_progress)
     t0 = time.perf_counter()
     try:
+        if getattr(args, "upscale", None) and control:
+            raise SystemExit("--upscale does not take --control-image yet; generate first, then `latentrt upscale`")
         if getattr(args, "upscale", None):  # generator -> latents -> upscaler (latentrt.commands.upscale)
             from .upscale import upscale_chain
 
             out = upscale_chain(pipe, args, kw, cb)
         else:
-            out = pipe(args.prompt, output_type="pil", callback=cb, **kw)
+            out = pipe(args.prompt, output_type="pil", callback=cb, **kw, **control)
     finally:
         close()
     total = time.perf_counter() - t0
     settings = {"prompt": args.prompt, "bundle": str(args.bundle), **{k: v for k, v in kw.items() if k != "image"},
-                "seed": args.seed, "image": args.image, "backend": args.backend, "device": args.device}
+                "seed": args.seed, "image": args.image, "backend": args.backend, "device": args.device,
+                **({k: v for k, v in control.items() if k != "control_image"} if control else {}),
+                **({"control_image": args.control_image, "canny": args.canny} if control else {})}
     for path in save_images(out.images, Path(args.output), settings):
         print(f"wrote {path}")
     print_timings(out.timings, total)

@@ -131,6 +131,30 @@ def write_support_files(pipe, root: Path, kind: str, src=None, revision: str | N
     return how
 
 
+def export_plans(plans, root: Path, *, precision: str, overrides: dict, check: str, export_sizes: dict,
+                 check_sizes: list, progress: Callable[[str], None], folder=lambda name: name) -> dict:
+    """Export each plan's component into ``root / folder(name)``; the manifest entries by name."""
+    entries = {}
+    for plan in plans:
+        name = plan.spec.name
+        prec = overrides.get(name, precision)
+        progress(f"exporting {name} ({prec})")
+        opts = ExportOptions(precision=prec, value_ranges=plan.value_ranges, progress=progress, check=check != "off")
+        entry = export_component(plan.module, plan.spec, root / folder(name), export_sizes=export_sizes,
+                                 check_sizes=check_sizes, options=opts, bundle_root=root)
+        facts = memory_facts(plan.module, plan.spec)  # for the runtime's memory estimate (runtime/limits.py)
+        if facts:
+            entry.extra["memory"] = facts
+        p = entry.parity
+        if "max_abs" in p:
+            progress(f"  {name}: max abs error vs torch {p['max_abs']:.2e} (relative {p['max_rel']:.2e}, "
+                     f"tolerance {p['tolerance']}) in {p['export_seconds']:.1f}s")
+        else:
+            progress(f"  {name}: exported in {p['export_seconds']:.1f}s (not checked against torch)")
+        entries[name] = entry
+    return entries
+
+
 def export_bundle(
     src,
     out,
@@ -153,6 +177,8 @@ def export_bundle(
     profile=None,
     max_size: int | None = None,
     max_batch: int | None = None,
+    controlnets=None,
+    adapter=None,
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
@@ -185,6 +211,10 @@ def export_bundle(
     (``min_size``, ``max_size``) and the most images per call (``max_batch``) the bundle serves, from
     the default or trace size, then ``profile``'s (a :class:`~latentrt.profiles.Profile` or its name)
     ``H`` / ``W`` / ``B`` ranges, then ``max_size`` / ``max_batch``; the runtime refuses calls outside it.
+    ``controlnets`` (hub ids, local folders or ``ControlNetModel`` s, in order) and ``adapter`` (a
+    ``T2IAdapter`` likewise) add conditioning components and the UNet graph that takes their residuals
+    (see :mod:`latentrt.export.control`); :func:`latentrt.export.control_bundle.add_conditioning` adds
+    them to an existing bundle.
     """
     overrides = parse_component_precisions(precision, component_precision)
     check = {True: "full", False: "quick"}.get(check, check) if isinstance(check, bool) else check
@@ -244,6 +274,16 @@ def export_bundle(
         tiny_plans, tiny_constants = tiny_vae_plans(tiny_model, constants)
         plans = [*plans, *tiny_plans]
         constants = {**constants, **tiny_constants}
+    control_extra = None
+    if controlnets or adapter is not None:
+        import torch
+
+        from .control import conditioning_plans
+
+        control_plans, control_extra = conditioning_plans(
+            pipe, constants, plans, controlnets=list(controlnets or ()), adapter=adapter, progress=progress,
+            dtype=load_dtypes(precision, overrides)["default"] if low_memory else torch.float32)
+        plans = [*plans, *control_plans]
 
     if isinstance(profile, str):
         from ..profiles import load_profile
@@ -261,24 +301,8 @@ def export_bundle(
     check_sizes = [export_sizes, {"B": 2, "H": dh, "W": dw + m}] if check == "full" else [export_sizes]
 
     with atomic_bundle_dir(Path(out), overwrite=overwrite) as root:
-        entries = {}
-        for plan in plans:
-            name = plan.spec.name
-            prec = overrides.get(name, precision)
-            progress(f"exporting {name} ({prec})")
-            opts = ExportOptions(precision=prec, value_ranges=plan.value_ranges, progress=progress, check=check != "off")
-            entry = export_component(plan.module, plan.spec, root / name, export_sizes=export_sizes,
-                                     check_sizes=check_sizes, options=opts, bundle_root=root)
-            facts = memory_facts(plan.module, plan.spec)  # for the runtime's memory estimate (runtime/limits.py)
-            if facts:
-                entry.extra["memory"] = facts
-            p = entry.parity
-            if "max_abs" in p:
-                progress(f"  {name}: max abs error vs torch {p['max_abs']:.2e} (relative {p['max_rel']:.2e}, "
-                         f"tolerance {p['tolerance']}) in {p['export_seconds']:.1f}s")
-            else:
-                progress(f"  {name}: exported in {p['export_seconds']:.1f}s (not checked against torch)")
-            entries[name] = entry
+        entries = export_plans(plans, root, precision=precision, overrides=overrides, check=check,
+                               export_sizes=export_sizes, check_sizes=check_sizes, progress=progress)
         scheduler_configs = write_support_files(pipe, root, recipe.kind, src, revision)
         recipe_extra = recipe.support_files(pipe, root) if recipe.support_files is not None else None
         manifest = Manifest(pipeline=recipe.kind, components=entries, constants=constants, source=source,
@@ -296,6 +320,8 @@ def export_bundle(
             manifest.extra["tiny_vae"] = tiny_source
         if vae_source is not None:
             manifest.extra["vae"] = vae_source
+        if control_extra:
+            manifest.extra["control"] = control_extra
         manifest.write(root)
     progress(f"wrote {out} ({manifest.extra['export_seconds']:.1f}s)")
     return manifest

@@ -57,7 +57,13 @@ class UNetWrapper(torch.nn.Module):
         kw = dict(zip(self.input_names, args))
         extra = {k: kw[k] for k in ("timestep_cond", "class_labels") if k in kw}
         with explicit_upsample_sizes(self.unet):
-            return self.unet(kw["sample"], kw["timestep"], kw["encoder_hidden_states"], return_dict=False, **extra)[0]
+            return self.unet(kw["sample"], kw["timestep"], kw["encoder_hidden_states"], return_dict=False, **extra,
+                             **self.conditioning_kwargs(kw))[0]
+
+    def conditioning_kwargs(self, kw: dict) -> dict:
+        """Further UNet keyword arguments from the inputs (ControlNet / adapter residuals: see
+        :mod:`latentrt.export.control`); none here."""
+        return {}
 
 
 class VaeEncoderWrapper(torch.nn.Module):
@@ -140,7 +146,10 @@ class SDXLUNetWrapper(torch.nn.Module):
         added = {"text_embeds": kw["text_embeds"], "time_ids": kw["time_ids"]}
         with explicit_upsample_sizes(self.unet):
             return self.unet(kw["sample"], kw["timestep"], kw["encoder_hidden_states"],
-                             timestep_cond=kw.get("timestep_cond"), added_cond_kwargs=added, return_dict=False)[0]
+                             timestep_cond=kw.get("timestep_cond"), added_cond_kwargs=added, return_dict=False,
+                             **self.conditioning_kwargs(kw))[0]
+
+    conditioning_kwargs = UNetWrapper.conditioning_kwargs
 
 
 class _KResample(torch.nn.Module):

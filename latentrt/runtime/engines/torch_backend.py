@@ -73,6 +73,11 @@ def component_module(bundle, name: str, source: str | None = None):
     else:
         pipe = _load_pipeline(bundle.manifest.source, source)
         plans = detect_kind(pipe).components(pipe, dict(bundle.manifest.constants))
+        control = bundle.manifest.extra.get("control") or {}
+        if control and name not in {p.spec.name for p in plans}:  # ControlNets, adapter, their UNet graphs
+            from ...export.control import manifest_control_plans
+
+            plans = plans + manifest_control_plans(pipe, dict(bundle.manifest.constants), plans, control)
     for plan in plans:
         if plan.spec.name == name:
             return plan.module

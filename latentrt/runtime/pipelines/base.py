@@ -114,6 +114,19 @@ class BasePipeline(VaeTiling):
         limits.check_engines(self.engines, self.bundle.manifest, sizes, components,
                              size_multiple=int(self.constants.get("size_multiple", self.vae_scale_factor)))
 
+    def run_lazy(self, component: str, **inputs) -> dict[str, Any]:
+        """:meth:`run`, creating the component's engine on first use (graphs that a call may not need:
+        the ControlNets, the adapter, their UNet graphs, the tiny VAE)."""
+        self.engine_for(component)
+        return self.run(component, **inputs)
+
+    def engine_for(self, component: str):
+        with self._engines_lock:  # concurrent first calls create each engine once
+            if component not in self.engines:
+                self.engines[component] = self.bundle.engine(component, self.backend, self.device,
+                                                             **self._engine_options)
+            return self.engines[component]
+
     def run_on_device(self, component: str, **inputs) -> dict[str, Any]:
         """Call a component keeping its outputs on the device (engines with ``device_loop``); the
         stage is timed after the device finished it."""
@@ -237,9 +250,10 @@ class BasePipeline(VaeTiling):
         return (isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == c
                 and image.shape[-1] > 4 and image.dtype.kind == "f")
 
-    def encode_image(self, image: Any, batch_size: int, rng: NoiseSource) -> np.ndarray:
+    def encode_image(self, image: Any, batch_size: int, rng: NoiseSource, size=(None, None)) -> np.ndarray:
         """Image -> scaled latents for ``batch_size`` images, drawing as diffusers does
-        (one latent-distribution sample per input image, then repeated to the batch). The size is
+        (one latent-distribution sample per input image, then repeated to the batch). ``size``:
+        (height, width) PIL images are resized to (each ``None``: the image's own). The size is
         checked (:meth:`check_image_size`) before the VAE encoder runs."""
         f = self.vae_scale_factor
         if self.is_latents(image):
@@ -249,12 +263,12 @@ class BasePipeline(VaeTiling):
             if not self.bundle.has("tiny_vae_encoder"):
                 raise ValueError(f"{self.bundle.path}: image-to-image with vae='tiny' needs tiny_vae_encoder, which "
                                  "this bundle lacks; use vae='full' or re-export with --tiny-vae")
-            pixels = to_nchw(image, vae_scale_factor=f)
+            pixels = to_nchw(image, vae_scale_factor=f, height=size[0], width=size[1])
             self.check_image_size(pixels.shape[2], pixels.shape[3])
             init = np.asarray(self.run_vae("tiny_vae_encoder", pixels, "encode", "sample", "latents"),
                               np.float32) * self.vae_scaling()
         else:
-            pixels = to_nchw(image, vae_scale_factor=f)
+            pixels = to_nchw(image, vae_scale_factor=f, height=size[0], width=size[1])
             self.check_image_size(pixels.shape[2], pixels.shape[3])
             params = np.asarray(self.run_vae("vae_encoder", pixels, "encode", "sample", "latent_parameters"), np.float32)
             init = self.sample_latent_dist(params, rng) * float(self.constants["vae_scaling_factor"])
@@ -285,10 +299,11 @@ class BasePipeline(VaeTiling):
                 raise ValueError(f"{name} have shape {x.shape}; expected {shape} for this call")
         return x * np.float32(plan.init_noise_sigma)
 
-    def noised_image_latents(self, sched, plan, image: Any, batch: int, rng: NoiseSource) -> np.ndarray:
+    def noised_image_latents(self, sched, plan, image: Any, batch: int, rng: NoiseSource,
+                             size=(None, None)) -> np.ndarray:
         """Image-to-image start: encode the image (:meth:`encode_image` checks its size first) and noise
         it to the plan's first timestep, drawing as diffusers does (VAE sample, then the noise)."""
-        init = self.encode_image(image, batch, rng)
+        init = self.encode_image(image, batch, rng, size)
         return sched.add_noise(plan, init, randn(rng, init.shape), 0)
 
     @staticmethod
@@ -336,10 +351,9 @@ class BasePipeline(VaeTiling):
             if not self.bundle.has("tiny_vae_decoder"):
                 raise ValueError(f"{self.bundle.path}: vae='tiny' needs a tiny VAE (TAESD), which this bundle lacks; "
                                  "re-export it with `latentrt export SRC -o BUNDLE --tiny-vae madebyollin/taesd`")
-            with self._engines_lock:  # concurrent first calls create each engine once
-                for c in self.VAE_COMPONENTS["tiny"]:
-                    if c not in self.engines and self.bundle.has(c):
-                        self.engines[c] = self.bundle.engine(c, self.backend, self.device, **self._engine_options)
+            for c in self.VAE_COMPONENTS["tiny"]:
+                if self.bundle.has(c):
+                    self.engine_for(c)
         self.vae_choice = vae
 
     def vae_scaling(self) -> float:

@@ -161,6 +161,7 @@ def denoise(
     callback_on_step_end: Callable | None = None,
     callback: Callable | None = None,
     return_denoised: bool = False,
+    conditioning=None,
 ):
     """The denoising loop of every UNet pipeline. ``encoder_hidden_states`` is already doubled
     ([uncond; cond]) when guidance is on; ``unet_inputs`` are further UNet inputs of the (doubled)
@@ -168,19 +169,25 @@ def denoise(
 
     Callbacks see ``latents`` and ``prompt_embeds`` (the doubled embeddings, as in diffusers) and may
     replace them. With ``return_denoised`` (LCM, whose result is the last step's denoised sample, not
-    its ``prev_sample``) callbacks also see ``denoised`` and the loop returns ``(latents, denoised)``."""
+    its ``prev_sample``) callbacks also see ``denoised`` and the loop returns ``(latents, denoised)``.
+
+    ``conditioning`` (a :class:`~.conditioning.Conditioning`: ControlNets, T2I-Adapter) picks each
+    step's UNet graph and gives its residual inputs; the loop then stays on the host."""
     cfg = do_classifier_free_guidance(guidance_scale)
     extra = dict(unet_inputs or {})
     state = sched.init_state(plan)
     denoised = latents
-    on_device = use_device_loop(pipe.engines[unet], sched, guidance_rescale)  # see device_loop.py
-    run = pipe.run_on_device if on_device else pipe.run
+    on_device = conditioning is None and use_device_loop(pipe.engines[unet], sched, guidance_rescale)  # device_loop.py
+    run = pipe.run_on_device if on_device else pipe.run_lazy
     reused = getattr(pipe.engines[unet], "outputs_are_reused", False)
     for i, t in enumerate(plan.timesteps):
         model_in = concat2(latents) if cfg else latents
         model_in = sched.scale_model_input(plan, i, model_in)
-        raw = run(unet, sample=model_in, timestep=np.full(model_in.shape[0], t, dtype=np.float32),
-                  encoder_hidden_states=encoder_hidden_states, **extra)["out_sample"]
+        inputs = dict(sample=model_in, timestep=np.full(model_in.shape[0], t, dtype=np.float32),
+                      encoder_hidden_states=encoder_hidden_states, **extra)
+        step_unet, residuals = (unet, {}) if conditioning is None else conditioning.unet_inputs(
+            pipe, i, len(plan.timesteps), inputs, unet)
+        raw = run(step_unet, **inputs, **residuals)["out_sample"]
         pred = apply_guidance(raw, guidance_scale, guidance_rescale) if cfg else (
             as_float32(raw) if on_device else np.asarray(raw, np.float32))
         if pred is raw and on_device and reused:  # the engine's output buffer: schedulers may keep it (PNDM)

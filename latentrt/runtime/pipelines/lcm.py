@@ -14,7 +14,8 @@ import numpy as np
 
 from ..random import as_noise_source
 from .base import BasePipeline, PipelineOutput
-from .guidance import denoise
+from .conditioning import check_image_to_image, control_request, image_to_image_size
+from .guidance import denoise, do_classifier_free_guidance, encode_prompt, sd_plan
 from .prompts import PromptEncoder
 
 logger = logging.getLogger("latentrt")
@@ -75,41 +76,64 @@ class LCMPipeline(PromptEncoder, BasePipeline):
         vae: str = "full",
         vae_tiling: bool | None = None,
         vae_slicing: bool | None = None,
+        **control,
     ) -> PipelineOutput:
+        """``control``: ``control_image`` and the other conditioning arguments of diffusers' ControlNet
+        and T2I-Adapter pipelines (see :mod:`.conditioning`). Image-to-image with a control image follows
+        ``StableDiffusionControlNetImg2ImgPipeline``, which treats the LCM UNet as a plain one:
+        classifier-free guidance when ``guidance_scale > 1`` (negative prompt included), no guidance
+        embedding, and the SD image-to-image cut of the schedule."""
         self.start_call()
         self.select_vae(vae, vae_tiling, vae_slicing)  # "full" or "tiny" (TAESD, when the bundle has it)
         self.check_output_type(output_type)
-        if negative_prompt is not None:
+        img2img = image is not None
+        req = control_request(self, control)
+        if img2img:
+            check_image_to_image(req, self)
+        sd_like = req is not None and img2img  # StableDiffusionControlNetImg2ImgPipeline
+        cfg = sd_like and do_classifier_free_guidance(guidance_scale)
+        if negative_prompt is not None and not cfg:
             logger.warning("LCM does not use classifier-free guidance: negative_prompt has no effect")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
-        img2img = image is not None
         if img2img and not self.bundle.has("vae_encoder") and not self.is_latents(image):
             raise ValueError(f"{self.bundle.path}: image-to-image needs a vae_encoder, which this bundle lacks")
         if not img2img:
-            height, width = self.default_size(height, width)
+            height, width = self.default_size(*(req.size(self, height, width) if req else (height, width)))
         prompts, batch = self.prompt_list(prompt, prompt_embeds)
         sched = self.get_scheduler(scheduler)
-        plan = sched.plan(None if timesteps is not None else num_inference_steps, timesteps=timesteps, original_inference_steps=original_inference_steps,
-                          strength=strength if img2img else 1.0)
+        if sd_like:
+            plan = sd_plan(sched, num_inference_steps, timesteps, strength)
+        else:
+            plan = sched.plan(None if timesteps is not None else num_inference_steps, timesteps=timesteps,
+                              original_inference_steps=original_inference_steps, strength=strength if img2img else 1.0)
         rng = as_noise_source(generator)
         bs = batch * num_images_per_prompt
         self.check_batch(bs)
 
-        if prompts is not None:
-            embeds = self.text_embeddings(prompts, clip_skip)["hidden"]
+        if sd_like:
+            cond, uncond, _ = encode_prompt(self, prompt, num_images_per_prompt=num_images_per_prompt, do_cfg=cfg,
+                                            negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                                            clip_skip=clip_skip)
+            embeds = np.concatenate([uncond, cond], axis=0) if cfg else cond
+        elif prompts is not None:
+            embeds = self.repeat_per_prompt(self.text_embeddings(prompts, clip_skip)["hidden"], num_images_per_prompt)
         else:
-            embeds = np.asarray(prompt_embeds, dtype=np.float32)
-        embeds = self.repeat_per_prompt(embeds, num_images_per_prompt)
+            embeds = self.repeat_per_prompt(np.asarray(prompt_embeds, dtype=np.float32), num_images_per_prompt)
 
         if img2img:
-            latents = self.noised_image_latents(sched, plan, image, bs, rng)
+            latents = self.noised_image_latents(sched, plan, image, bs, rng, size=(height, width) if req else (None, None))
+            if req is not None:
+                height, width = image_to_image_size(req, self, height, width, latents)
         else:
             latents = self.initial_latents(plan, bs, height, width, rng, latents)
+        conditioning = req.prepare(self, height, width, batch, num_images_per_prompt, cfg) if req else None
 
-        w_embedding = guidance_scale_embedding(self.per_image_w(guidance_scale, bs), int(self.constants["time_cond_proj_dim"]))
-        # no batch doubling: guidance enters only through the UNet's guidance embedding
-        _, denoised = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=1.0,
-                              unet_inputs={"timestep_cond": w_embedding}, return_denoised=True,
+        unet_inputs = {}
+        if not sd_like:  # no batch doubling: guidance enters only through the UNet's guidance embedding
+            unet_inputs["timestep_cond"] = guidance_scale_embedding(
+                self.per_image_w(guidance_scale, bs), int(self.constants["time_cond_proj_dim"]))
+        _, denoised = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale if cfg else 1.0,
+                              unet_inputs=unet_inputs, return_denoised=True, conditioning=conditioning,
                               callback_on_step_end=callback_on_step_end, callback=callback)
         return self.end_call(self.finish(denoised, output_type))

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..random import as_noise_source
 from .base import BasePipeline, PipelineOutput
+from .conditioning import check_image_to_image, control_request, image_to_image_size
 from .guidance import check_strength, denoise, do_classifier_free_guidance, encode_prompt, sd_plan
 from .prompts import PromptEncoder
 
@@ -56,12 +57,15 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
         vae: str = "full",
         vae_tiling: bool | None = None,
         vae_slicing: bool | None = None,
+        **control,
     ) -> PipelineOutput:
         """diffusers' argument names and defaults (50 steps, guidance 7.5, strength 0.8, eta 0).
 
         ``eta`` is used by DDIM only (as in diffusers). ``image``: PIL / numpy image(s), or SD latents
         (float NCHW with the VAE's latent channels). ``latents``: the initial noise of text-to-image.
         ``vae``: ``"full"`` or ``"tiny"`` (the bundle's TAESD, when exported with ``--tiny-vae``).
+        ``control``: ``control_image`` and the other arguments of diffusers' ControlNet / T2I-Adapter
+        pipelines (:mod:`.conditioning`); with ``image`` it is ``StableDiffusionControlNetImg2ImgPipeline``.
         """
         self.start_call()
         self.select_vae(vae, vae_tiling, vae_slicing)
@@ -71,7 +75,9 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
         if not 0.0 <= float(guidance_rescale) <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1]; got {guidance_rescale!r}")
         img2img = image is not None
+        req = control_request(self, control)
         if img2img:
+            check_image_to_image(req, self)
             check_strength(strength)
             if latents is not None:
                 raise ValueError("latents (the initial noise) is for text-to-image; for image-to-image pass the "
@@ -79,7 +85,7 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
             if vae != "tiny" and not self.bundle.has("vae_encoder") and not self.is_latents(image):
                 raise ValueError(f"{self.bundle.path}: image-to-image needs a vae_encoder, which this bundle lacks")
         else:
-            height, width = self.default_size(height, width)
+            height, width = self.default_size(*(req.size(self, height, width) if req else (height, width)))
         self.check_batch(self.prompt_list(prompt, prompt_embeds)[1] * num_images_per_prompt)
         cfg = do_classifier_free_guidance(guidance_scale)
         sched = self.get_scheduler(scheduler)
@@ -93,11 +99,14 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
         bs = batch * num_images_per_prompt
 
         if img2img:
-            latents = self.noised_image_latents(sched, plan, image, bs, rng)
+            latents = self.noised_image_latents(sched, plan, image, bs, rng, size=(height, width) if req else (None, None))
+            if req is not None:
+                height, width = image_to_image_size(req, self, height, width, latents)
         else:
             latents = self.initial_latents(plan, bs, height, width, rng, latents)
+        conditioning = req.prepare(self, height, width, batch, num_images_per_prompt, cfg) if req else None
 
         latents = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale,
                           guidance_rescale=guidance_rescale, eta=eta, callback_on_step_end=callback_on_step_end,
-                          callback=callback)
+                          callback=callback, conditioning=conditioning)
         return self.end_call(self.finish(latents, output_type))

@@ -41,6 +41,7 @@ import numpy as np
 
 from ..random import as_noise_source
 from .base import BasePipeline, PipelineOutput
+from .conditioning import check_image_to_image, control_request
 from .guidance import denoise, negative_prompt_list, sd_plan
 from .lcm import guidance_scale_embedding
 
@@ -203,11 +204,17 @@ class SDXLPipeline(BasePipeline):
         vae: str = "full",
         vae_tiling: bool | None = None,
         vae_slicing: bool | None = None,
+        **control,
     ) -> PipelineOutput:
+        """``control``: ``control_image`` and the other arguments of ``StableDiffusionXLControlNetPipeline``
+        / ``StableDiffusionXLAdapterPipeline`` (:mod:`.conditioning`), text-to-image only."""
         self.start_call()
         self.select_vae(vae, vae_tiling, vae_slicing)
         self.check_output_type(output_type)
         img2img = image is not None
+        req = control_request(self, control)
+        if img2img:
+            check_image_to_image(req, self, supported=False)
         if num_inference_steps is None:
             num_inference_steps = 4 if self.time_cond_proj_dim else 50
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -236,7 +243,7 @@ class SDXLPipeline(BasePipeline):
         bs = batch * n
         self.check_batch(bs)
         if not img2img:
-            height, width = self.default_size(height, width)
+            height, width = self.default_size(*(req.size(self, height, width) if req else (height, width)))
 
         # 1. text
         embeds, neg, pooled, neg_pooled = self.conditioning(
@@ -296,7 +303,8 @@ class SDXLPipeline(BasePipeline):
         if self.time_cond_proj_dim:
             unet_inputs["timestep_cond"] = guidance_scale_embedding(
                 np.full(bs, guidance_scale - 1.0, dtype=np.float32), int(self.time_cond_proj_dim))
+        conditioning = req.prepare(self, height, width, batch, n, do_cfg) if req else None
         latents = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale if do_cfg else 1.0,
-                          guidance_rescale=guidance_rescale, unet_inputs=unet_inputs,
+                          guidance_rescale=guidance_rescale, unet_inputs=unet_inputs, conditioning=conditioning,
                           callback_on_step_end=callback_on_step_end, callback=callback)
         return self.end_call(self.finish(latents, output_type))
