@@ -123,9 +123,13 @@ class Progress:
 
 
 def planned_calls(sc: Scenario) -> int:
+    from .peers import PEERS
+
     per_system = sc.warmup + sc.repeats
     ours = per_system + (1 if sc.cold_start else 0)
-    return ours + len(sc.baselines) * (per_system + (1 if sc.warmup == 0 else 0))
+    # a peer's cold start is one more process that makes one image
+    peers = sum(1 for b in sc.baselines if b in PEERS) * (1 if sc.cold_start else 0)
+    return ours + len(sc.baselines) * (per_system + (1 if sc.warmup == 0 else 0)) + peers
 
 
 def noise_factory(sc: Scenario):
@@ -169,6 +173,8 @@ class Runner:
         self.records: list[dict] = []
         self.references: dict[str, object] = {}  # group -> fp32 baseline image (PSNR reference)
         self.baseline_done: dict[tuple, dict] = {}
+        self.peer_images: dict[tuple[str, str], object] = {}  # (scenario, peer) -> first image (PSNR)
+        self.baseline_images: dict[tuple, object] = {}  # baseline key -> a peer's first image (reuse)
 
     def emit(self, rec: dict) -> None:
         self.records.append(rec)
@@ -268,11 +274,17 @@ class Runner:
         del pipe
         gc.collect()
         isolated = None
-        if sc.isolated_memory and not sc.isolate:
+        if (sc.isolated_memory and not sc.isolate) or sc.cold_start:
             from .memprobe import run_probe
 
-            bar.note(f"{sc.name}: latentrt peak RSS (fresh process)")
-            isolated = run_probe(bundle, sc)
+            bar.note(f"{sc.name}: latentrt in a fresh process (peak RSS, load and first image)")
+            probe = run_probe(bundle, sc)
+            if sc.isolated_memory and not sc.isolate:
+                isolated = probe
+            if sc.cold_start and "load_s" in probe:  # the bundle's caches are filled by now
+                cold["new_process"] = {"load_s": probe["load_s"], "first_image_s": probe["first_image_s"],
+                                       "note": "a new process loading the already-used bundle (engine caches "
+                                               "filled, OS file cache warm): load, then its first image"}
         extra = {
             "compute_precision": compute,
             "cold_start": cold,
@@ -295,17 +307,24 @@ class Runner:
             key += ("isolated",)
         if key in self.baseline_done:  # the same baseline measured for an earlier scenario: reuse it
             rec = dict(self.baseline_done[key], scenario=sc.name, settings=sc.to_dict(), reused=True)
+            if key in self.baseline_images:
+                self.peer_images[(sc.name, name)] = self.baseline_images[key]
             self.emit(rec)
             for _ in range(planned_calls(sc) - (sc.warmup + sc.repeats + (1 if sc.cold_start else 0))):
                 bar.step(f"{sc.name}: {name} (reused)")
             return
-        if sc.isolate:
+        from .peers import PEERS, measure_peer
+
+        if name in PEERS:  # always in its own venv and process
+            rec, image = measure_peer(self, sc, bundle, bar, name)
+            self.peer_images[(sc.name, name)] = self.baseline_images[key] = image
+        elif sc.isolate:
             from .child import run_in_child
 
             rec, image = run_in_child(self, sc, bundle, bar, name)
         else:
             rec, image = self.measure_baseline(sc, bundle, bar, name)
-        if prec == "fp32":
+        if name == "diffusers" and prec == "fp32":
             self.references[group_key(sc, vae)] = image
         self.baseline_done[key] = rec
         self.emit(rec)
@@ -363,15 +382,28 @@ class Runner:
         return rec, image
 
     def add_quality(self, sc: Scenario, image) -> None:
-        """PSNR of latentrt's image against the fp32 diffusers image of the same VAE and noise."""
-        ref = self.references.get(group_key(sc, sc.vae))
-        if ref is None or image is None:
-            return
-        value = psnr(image, ref)
-        for rec in reversed(self.records):
-            if rec.get("system") == "latentrt" and rec.get("scenario") == sc.name:
-                rec["quality"] = {"psnr_db": value, "reference": "diffusers fp32, same weights, VAE and noise"}
-                break
+        """PSNR of latentrt's image against the fp32 diffusers image of the same VAE and noise, and of
+        each peer's (full VAE) image: a peer far from it did not run the same weights."""
+        from .peers import SAME_WEIGHTS_DB
+
+        images = {"latentrt": (image, sc.vae)}
+        images.update({peer: (img, "full") for (scn, peer), img in self.peer_images.items() if scn == sc.name})
+        for system, (img, vae) in images.items():
+            ref = self.references.get(group_key(sc, vae))
+            if ref is None or img is None:
+                continue
+            value = psnr(img, ref)
+            quality = {"psnr_db": value, "reference": "diffusers fp32, same weights, VAE and noise"}
+            if system != "latentrt":
+                quality["same_weights"] = value >= SAME_WEIGHTS_DB
+                if not quality["same_weights"]:
+                    self.log(f"warning: {system}'s image is {value:.1f} dB from diffusers' on the same weights and "
+                             f"noise (< {SAME_WEIGHTS_DB:g} dB): it did not run the same model; its times are no "
+                             "comparison")
+            for rec in reversed(self.records):
+                if rec.get("system") == system and rec.get("scenario") == sc.name:
+                    rec["quality"] = quality
+                    break
         if self.out_path is not None:  # rewrite the file with the quality added (lines are small)
             self._rewrite()
 

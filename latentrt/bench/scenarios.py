@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 VAES = ("full", "tiny")
-BASELINES = ("diffusers",)
+#: diffusers (torch) and the OpenVINO peers of :mod:`latentrt.bench.peers` (each in its own venv)
+BASELINES = ("diffusers", "optimum-intel", "openvino-genai")
 
 
 @dataclass(frozen=True)
