@@ -95,8 +95,9 @@ def ensure_python(name: str, requirements: tuple[str, ...], uninstall: tuple[str
         log.write_text("")
         try:
             _run([sys.executable, "-m", "venv", str(root)], f"python -m venv {root}", log)
-            _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
-                 f"pip install of the {name} peer's requirements", log)
+            if requirements:
+                _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
+                     f"pip install of the {name} peer's requirements", log)
             if uninstall:
                 _run([str(python), "-m", "pip", "uninstall", "-y", "-q", *uninstall], f"pip uninstall {' '.join(uninstall)}", log)
         except BaseException:

@@ -180,6 +180,11 @@ def target_checks(envs: list[dict], results: list[dict]) -> list[Check]:
                                 f"diffusers full VAE {_ms(base_full['e2e']['median'])} / latentrt TAESD {_ms(med)}"))
         if "quality" in r:
             checks.append(Check("psnr_db", sc, r["quality"]["psnr_db"], *TARGETS["psnr_db"], r["quality"]["reference"]))
+            g = r["quality"].get("gate")
+            if g:
+                checks.append(Check("quality_gate_psnr_min_db", sc, g["psnr_min_db"], ">=", g["threshold_db"],
+                                    f"{g['samples']} prompts/seeds vs diffusers fp32: PSNR mean {g['psnr_mean_db']:.1f} dB, "
+                                    f"mean abs pixel error <= {g['mean_abs_error_255_max']:.2f}/255; {g['verdict']}"))
         fl, unet = unet_flops(results, r), r["stages"].get("unet")
         prec = (r.get("compute_precision") or {}).get("unet", r["precision"])
         rate = floor_rate_gflops(gemm.get(r["run_id"]), prec)
@@ -264,6 +269,10 @@ def results_table(results: list[dict]) -> str:
         q = (r.get("quality") or {}).get("psnr_db")
         psnr_cell = "-" if q is None else f"{q:.1f} dB" + ("" if (r.get("quality") or {}).get("same_weights", True)
                                                             else " (**not the same model**)")
+        gate = (r.get("quality") or {}).get("gate")
+        if gate:
+            psnr_cell += (f"; gate min {gate['psnr_min_db']:.1f} dB over {gate['samples']}"
+                          + ("" if gate["passed"] else " (**not recommended**)"))
         st = r["stages"]
         te = text_encoder_total(r)
         unet = st.get("unet", {}).get("per_call", {}).get("median")

@@ -14,7 +14,10 @@ Precision (``precision=`` engine option, else ``$LATENTRT_OPENVINO_PRECISION``, 
 - ``"bf16"``: bf16 compute (refused with a clear message on CPUs that lack it);
 - ``"fp32"``: full precision; images match ONNX Runtime within 1e-4;
 - ``"fp16"``: fp16 compute where the CPU has AVX512-FP16 (experimental: better accuracy than bf16,
-  but slower than fp32 on CPUs without AMX-FP16, e.g. Sapphire Rapids).
+  but slower than fp32 on CPUs without AMX-FP16, e.g. Sapphire Rapids);
+- ``"int8"``: the UNet hybrid-quantized by NNCF (int8 convolutions on AMX / VNNI, int8-weight MatMuls),
+  calibrated once through the pipeline and cached (:mod:`.openvino_int8`); the other components run
+  in bf16 where the CPU has it, else fp32. Check its images with the benchmark's quality gate.
 
 Start-up: the first load converts the ONNX graph to OpenVINO IR under ``<bundle cache>/openvino``
 (keyed by the model's sha256, the OpenVINO version and the weight storage type, see
@@ -39,6 +42,7 @@ import numpy as np
 from .base import Engine
 from .onnxruntime import default_threads
 from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph, mark_decompression
+from .openvino_int8 import QUANTIZED, int8_ir
 
 #: our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -63,9 +67,9 @@ def _import_openvino():
 def resolve_precision(core, device: str, precision: str | None) -> str:
     """The precision to compile with: one of :data:`PRECISIONS`, checked against the device."""
     precision = (precision or os.environ.get(ENV_PRECISION) or "auto").lower()
-    if precision not in (*PRECISIONS, "auto"):
+    if precision not in (*PRECISIONS, "int8", "auto"):
         raise ValueError(
-            f"precision must be one of 'auto', {', '.join(map(repr, PRECISIONS))} for the openvino backend; "
+            f"precision must be one of 'auto', {', '.join(map(repr, PRECISIONS))}, 'int8' for the openvino backend; "
             f"got {precision!r}"
         )
     try:
@@ -133,6 +137,14 @@ MAX_SHAPES = 2
 SHAPES = ("static", "dynamic")
 
 
+def inference_hint(core, device: str, precision: str) -> str:
+    """OpenVINO's INFERENCE_PRECISION_HINT for one of our precisions (int8: the compute of the layers
+    left in floating point, bf16 where the CPU has it)."""
+    if precision != "int8":
+        return PRECISIONS[precision]
+    return "bf16" if resolve_precision(core, device, "auto") == "bf16" else "f32"
+
+
 def compiled_key(model_sha: str, precision: str, shapes, ov_version: str, threads) -> str:
     """The folder name of one compiled model in OpenVINO's model cache (CACHE_DIR): model, precision
     hint, concrete input shapes (None: dynamic), OpenVINO version and threads. OpenVINO 2026.4's own
@@ -159,7 +171,7 @@ class OpenVINOEngine(Engine):
 
     def __init__(self, name, path, inputs, outputs, *, device="cpu", threads=None, cache_dir=None, model_sha="",
                  manifest_entry=None, bundle=None, precision=None, cache: bool = True, shapes: str = "static",
-                 max_shapes: int = MAX_SHAPES):
+                 max_shapes: int = MAX_SHAPES, int8_calibration: dict | None = None):
         super().__init__(name, inputs, outputs)
         ov = _import_openvino()
         if device not in DEVICES:
@@ -174,12 +186,18 @@ class OpenVINOEngine(Engine):
         self.precision = resolve_precision(self._core, self._ov_device, precision)
         self._config = {
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": PRECISIONS[self.precision],
+            "INFERENCE_PRECISION_HINT": inference_hint(self._core, self._ov_device, self.precision),
         }
         if self._ov_device == "CPU":
             self._config["INFERENCE_NUM_THREADS"] = int(threads or default_threads())
         model_path = Path(path)
-        if cache and cache_dir is not None:
+        if self.precision == "int8" and name in QUANTIZED:
+            if cache_dir is None:
+                raise ValueError(f"{name}: precision='int8' keeps its calibrated model in the bundle's cache; "
+                                 "load the bundle with latentrt.load (not a bare engine)")
+            model_path = int8_ir(ov, self._core, name, model_path, Path(cache_dir), model_sha, bundle,
+                                 int8_calibration, self._config.get("INFERENCE_NUM_THREADS"))
+        elif cache and cache_dir is not None:
             model_path = _ir_cache(ov, self._core, name, model_path, Path(cache_dir), model_sha, self.precision)
         self.cache_path = model_path if model_path != Path(path) else None
         self._model_path = model_path
