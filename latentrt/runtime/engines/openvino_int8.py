@@ -101,7 +101,7 @@ def _weighted_matmuls(model) -> list[str]:
 def hybrid_quantize(model, samples: list[dict]):
     """The hybrid int8 model (see the module docstring) of an fp32-compute OpenVINO model."""
     nncf = _import_nncf()
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     matmuls = _weighted_matmuls(model)
     has_conv = any(op.get_type_name() == "Convolution" for op in model.get_ops())
@@ -109,7 +109,8 @@ def hybrid_quantize(model, samples: list[dict]):
                                   ignored_scope=nncf.IgnoredScope(types=["Convolution"]) if has_conv else None)
     return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
                          ignored_scope=nncf.IgnoredScope(names=matmuls, validate=False),
-                         advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alpha=-1))
+                         advanced_parameters=AdvancedQuantizationParameters(
+                             smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)))
 
 
 def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: str, bundle, cal_options,
