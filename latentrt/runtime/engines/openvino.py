@@ -158,8 +158,9 @@ class OpenVINOEngine(Engine):
     """One bundle component compiled by OpenVINO. Engine options: ``threads``, ``precision``,
     ``cache`` (False: no IR conversion cache and no compiled-model cache), ``shapes``
     ("static", the default: compile per concrete input shape on first use; "dynamic": one model for
-    every shape, compiled at load) and ``max_shapes`` (compiled models kept per engine, default
-    :data:`MAX_SHAPES`).
+    every shape, compiled at load), ``max_shapes`` (compiled models kept per engine, default
+    :data:`MAX_SHAPES`), ``int8_calibration`` (:mod:`.openvino_int8`) and ``profile`` (OpenVINO's
+    per-op counters summed in :attr:`op_times`; ``python -m latentrt.bench.opprofile``).
 
     Static shapes: the first call with a new set of input shapes reshapes the IR to them and compiles
     it (a static UNet step measured 11-12% faster than the dynamic one at 512x512, see
@@ -171,7 +172,7 @@ class OpenVINOEngine(Engine):
 
     def __init__(self, name, path, inputs, outputs, *, device="cpu", threads=None, cache_dir=None, model_sha="",
                  manifest_entry=None, bundle=None, precision=None, cache: bool = True, shapes: str = "static",
-                 max_shapes: int = MAX_SHAPES, int8_calibration: dict | None = None):
+                 max_shapes: int = MAX_SHAPES, int8_calibration: dict | None = None, profile: bool = False):
         super().__init__(name, inputs, outputs)
         ov = _import_openvino()
         if device not in DEVICES:
@@ -190,6 +191,10 @@ class OpenVINOEngine(Engine):
         }
         if self._ov_device == "CPU":
             self._config["INFERENCE_NUM_THREADS"] = int(threads or default_threads())
+        #: with ``profile``: OpenVINO's per-op counters summed over calls, {(op type, kernel): [seconds, count]}
+        self.op_times: dict[tuple[str, str], list] | None = {} if profile else None
+        if profile:
+            self._config["PERF_COUNT"] = True
         model_path = Path(path)
         if self.precision == "int8" and name in QUANTIZED:
             if cache_dir is None:
@@ -261,4 +266,10 @@ class OpenVINOEngine(Engine):
         key = None if self.shapes == "dynamic" else tuple(sorted((n, tuple(np.shape(a))) for n, a in arrays.items()))
         _, request = self._entry(key)
         request.infer(arrays, share_inputs=True)
+        if self.op_times is not None:
+            for p in request.get_profiling_info():
+                if p.status == p.Status.EXECUTED:
+                    t = self.op_times.setdefault((p.node_type, p.exec_type), [0.0, 0])
+                    t[0] += p.real_time.total_seconds()
+                    t[1] += 1
         return {n: np.array(request.get_output_tensor(i).data, copy=True) for i, n in enumerate(self._output_names)}
