@@ -22,7 +22,6 @@ a draw of any other shape, so the three systems see the same noise or the run st
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import os
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from latentrt.bench.child import PipeProgress
+from latentrt.bench.env import installed_versions
 from latentrt.bench.memory import PeakMemory
 from latentrt.manifest import write_json_atomic
 
@@ -42,13 +42,7 @@ LIBRARIES = ("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel
 
 
 def versions() -> dict:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return installed_versions(LIBRARIES)
 
 
 def ov_config(threads: int) -> dict:
