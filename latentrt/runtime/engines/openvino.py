@@ -263,7 +263,8 @@ class OpenVINOEngine(Engine):
         return entry
 
     def run(self, arrays):
-        key = None if self.shapes == "dynamic" else tuple(sorted((n, tuple(np.shape(a))) for n, a in arrays.items()))
+        key = None if self.shapes == "dynamic" else tuple(sorted((n, tuple(np.shape(a))) for n, a in arrays.items()
+                                                                 if n in self._dtypes))
         _, request = self._entry(key)
         request.infer(arrays, share_inputs=True)
         if self.op_times is not None:
