@@ -53,7 +53,8 @@ def default_precision() -> str:
     """The inference precision OpenVINO's CPU plugin picks by default (bf16 on AMX CPUs)."""
     import openvino as ov
 
-    return str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    t = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    return {"bf16": "bf16", "f32": "fp32", "f16": "fp16"}.get(t.to_string(), t.to_string())
 
 
 def ir_weight_bytes(ir: Path) -> int:

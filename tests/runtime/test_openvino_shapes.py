@@ -21,8 +21,9 @@ def _latents(h, w, seed=0):
 
 
 def test_static_matches_dynamic(lcm_bundle):
-    static = latentrt.load(lcm_bundle, backend="openvino", precision="fp32")
-    dynamic = latentrt.load(lcm_bundle, backend="openvino", precision="fp32", shapes="dynamic")
+    static = latentrt.load(lcm_bundle, backend="openvino", precision="fp32", shapes="static")
+    dynamic = latentrt.load(lcm_bundle, backend="openvino", precision="fp32")
+    assert dynamic.engines["unet"].shapes == "dynamic"  # the default
     assert static.engines["unet"].shapes == "static" and static.engines["unet"].compiled is None  # nothing compiled at load
     assert dynamic.engines["unet"].compiled is not None
     for size in (64, 96):
@@ -35,7 +36,7 @@ def test_static_matches_dynamic(lcm_bundle):
 
 
 def test_compiles_once_per_shape_and_keeps_the_last_ones(lcm_bundle):
-    dec = Bundle(lcm_bundle).engine("vae_decoder", "openvino", precision="fp32", max_shapes=2)
+    dec = Bundle(lcm_bundle).engine("vae_decoder", "openvino", precision="fp32", shapes="static", max_shapes=2)
     first = dec(latent_sample=_latents(8, 8))["sample"]
     again = dec(latent_sample=_latents(8, 8))["sample"]
     assert np.array_equal(first, again) and len(dec.compilations) == 1
@@ -51,12 +52,12 @@ def test_compiles_once_per_shape_and_keeps_the_last_ones(lcm_bundle):
 
 def test_compiled_models_persist_per_precision_and_shape(lcm_bundle):
     bundle = Bundle(lcm_bundle)
-    dec = bundle.engine("vae_decoder", "openvino", precision="fp32")
+    dec = bundle.engine("vae_decoder", "openvino", precision="fp32", shapes="static")
     dec(latent_sample=_latents(8, 8))
     folder = dec.compilations[-1]["cache_dir"]
     assert folder is not None and any(p.suffix == ".blob" for p in __import__("pathlib").Path(folder).iterdir())
     # a new engine (a new process would do the same) finds the same folder, and imports from it
-    dec2 = bundle.engine("vae_decoder", "openvino", precision="fp32")
+    dec2 = bundle.engine("vae_decoder", "openvino", precision="fp32", shapes="static")
     dec2(latent_sample=_latents(8, 8))
     assert dec2.compilations[-1]["cache_dir"] == folder
     assert np.array_equal(dec(latent_sample=_latents(8, 8))["sample"], dec2(latent_sample=_latents(8, 8))["sample"])
@@ -66,7 +67,7 @@ def test_compiled_models_persist_per_precision_and_shape(lcm_bundle):
             compiled_key(sha, "fp32", (("latent_sample", (1, 4, 8, 12)),), ov.__version__, 2),
             compiled_key(sha, "fp32", shape, "0.0.0", 2), compiled_key(sha, "fp32", None, ov.__version__, 2)}
     assert len(keys) == 5
-    assert bundle.engine("vae_decoder", "openvino", precision="fp32", cache=False)._compiled_root is None
+    assert bundle.engine("vae_decoder", "openvino", precision="fp32", shapes="static", cache=False)._compiled_root is None
 
 
 def test_bad_shape_options(lcm_bundle):

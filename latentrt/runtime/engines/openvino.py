@@ -23,8 +23,9 @@ Start-up: the first load converts the ONNX graph to OpenVINO IR under ``<bundle 
 (keyed by the model's sha256, the OpenVINO version and the weight storage type, see
 :func:`_ir_cache`), so a second load maps the IR instead of parsing and converting the ONNX file.
 
-Shapes: static by default, compiled per concrete input shape on first use and kept in OpenVINO's
-model cache (see :class:`OpenVINOEngine`); ``shapes="dynamic"`` compiles one model for every shape.
+Shapes: dynamic by default (one compiled model serves every batch and resolution); ``shapes="static"``
+compiles per concrete input shape on first use and keeps it in OpenVINO's model cache (see
+:class:`OpenVINOEngine`).
 
 Outputs are copied into fresh numpy arrays owned by the caller (``outputs_are_reused`` is False):
 OpenVINO's output tensors belong to the infer request and are overwritten by its next call.
@@ -157,21 +158,23 @@ def compiled_key(model_sha: str, precision: str, shapes, ov_version: str, thread
 class OpenVINOEngine(Engine):
     """One bundle component compiled by OpenVINO. Engine options: ``threads``, ``precision``,
     ``cache`` (False: no IR conversion cache and no compiled-model cache), ``shapes``
-    ("static", the default: compile per concrete input shape on first use; "dynamic": one model for
-    every shape, compiled at load), ``max_shapes`` (compiled models kept per engine, default
+    ("dynamic", the default: one model for every shape, compiled at load; "static": compile per
+    concrete input shape on first use), ``max_shapes`` (compiled models kept per engine, default
     :data:`MAX_SHAPES`), ``int8_calibration`` (:mod:`.openvino_int8`) and ``profile`` (OpenVINO's
     per-op counters summed in :attr:`op_times`; ``python -m latentrt.bench.opprofile``).
 
     Static shapes: the first call with a new set of input shapes reshapes the IR to them and compiles
-    it (a static UNet step measured 11-12% faster than the dynamic one at 512x512, see
-    benchmarks/RESULTS.md); the compiled models of the last ``max_shapes`` shapes are kept, and each
+    it (issue 18 reports a static UNet step 11-12% faster than the dynamic one at 512x512; this
+    work's one full-size run, on a heavily shared machine, saw the static VAE decoder slow down far
+    more than the peers', so static stays opt-in until the interleaved A/B of
+    benchmarks/scenarios/sd15_openvino_shapes.toml is run); the compiled models of the last ``max_shapes`` shapes are kept, and each
     is persisted in OpenVINO's model cache under ``<bundle cache>/openvino/compiled/<key>``
     (:func:`compiled_key`), so a new process imports it instead of compiling. Nothing is compiled at
     load: a component costs nothing until it is first called (the VAE encoder of a text-to-image run).
     """
 
     def __init__(self, name, path, inputs, outputs, *, device="cpu", threads=None, cache_dir=None, model_sha="",
-                 manifest_entry=None, bundle=None, precision=None, cache: bool = True, shapes: str = "static",
+                 manifest_entry=None, bundle=None, precision=None, cache: bool = True, shapes: str = "dynamic",
                  max_shapes: int = MAX_SHAPES, int8_calibration: dict | None = None, profile: bool = False):
         super().__init__(name, inputs, outputs)
         ov = _import_openvino()
