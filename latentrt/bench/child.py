@@ -68,6 +68,37 @@ def _tail(path: Path, n: int = TAIL_LINES) -> str:
     return "\n".join(lines[-n:]) if lines else "(stderr was empty)"
 
 
+def run_job(cmd: list[str], job_dir: Path, bar, *, env: dict, what: str, context: str = "",
+            outputs=("result.json", "image.npy")) -> float:
+    """Run ``cmd`` (a child that writes ``outputs`` into ``job_dir``), turning its protocol lines into
+    progress steps; returns its wall time, or raises :class:`ChildError` naming ``what`` (the scenario and
+    system), the exit status and the child's last stderr lines (kept in ``job_dir/stderr.txt``)."""
+    t0 = time.perf_counter()
+    with open(job_dir / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        try:
+            for line in proc.stdout:  # ends when the child exits (or closes its stdout)
+                if line.startswith(PROTOCOL):
+                    kind, _, desc = line[len(PROTOCOL):].rstrip("\n").partition("\t")
+                    (bar.step if kind == "step" else bar.note)(desc)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # the parent was interrupted: do not leave the child running
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+    wall = time.perf_counter() - t0
+    if code != 0 or not all((job_dir / o).is_file() for o in outputs):
+        if code < 0:
+            why = f"killed by signal {-code}" + (" - out of memory?" if code == -9 else "")
+        else:
+            why = f"exited with status {code}" if code else "exited without writing its result"
+        tail = _tail(job_dir / "stderr.txt")
+        raise ChildError(f"{what} failed in its own process ({context}pid {proc.pid}, {why}): {tail.splitlines()[-1]}\n"
+                         f"Last lines of its stderr:\n{tail}")
+    return wall
+
+
 def run_in_child(runner, sc, bundle: Path, bar, system: str) -> tuple[dict, object]:
     """Measure ``system`` ("latentrt" or a baseline name) of scenario ``sc`` in a fresh process; returns
     (result record, first image) as ``Runner.measure_latentrt`` / ``measure_baseline`` do in-process."""
@@ -79,41 +110,11 @@ def run_in_child(runner, sc, bundle: Path, bar, system: str) -> tuple[dict, obje
             "scenario": sc.to_dict(), "system": system, "bundle": str(bundle), "run_id": runner.run_id,
             "cache_dir": str(runner.cache_dir) if runner.cache_dir else None}))
         bar.note(f"{sc.name}: {system} (starting its own process)")
-        t0 = time.perf_counter()
-        with open(job_dir / "stderr.txt", "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "latentrt.bench.child", str(job_dir)],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
-                                    env=dict(os.environ))
-            try:
-                for line in proc.stdout:  # ends when the child exits (or closes its stdout)
-                    if line.startswith(PROTOCOL):
-                        kind, _, desc = line[len(PROTOCOL):].rstrip("\n").partition("\t")
-                        (bar.step if kind == "step" else bar.note)(desc)
-                code = proc.wait()
-            finally:
-                if proc.poll() is None:  # the parent was interrupted: do not leave the child running
-                    proc.kill()
-                    proc.wait()
-                proc.stdout.close()
-        wall = time.perf_counter() - t0
-        result, image = job_dir / "result.json", job_dir / "image.npy"
-        if code != 0 or not result.is_file() or not image.is_file():
-            if code < 0:
-                why = f"killed by signal {-code}" + (" - out of memory?" if code == -9 else "")
-            else:
-                why = f"exited with status {code}" if code else "exited without writing its result"
-            tail = _tail(job_dir / "stderr.txt")
-            raise ChildError(f"scenario {sc.name!r}: {system} failed in its own process (isolate = true; pid "
-                             f"{proc.pid}, {why}): {tail.splitlines()[-1]}\nLast lines of its stderr:\n{tail}")
-        rec = json.loads(result.read_text())
+        wall = run_job([sys.executable, "-m", "latentrt.bench.child", str(job_dir)], job_dir, bar,
+                       env=dict(os.environ), what=f"scenario {sc.name!r}: {system}", context="isolate = true; ")
+        rec = json.loads((job_dir / "result.json").read_text())
         rec.setdefault("process", {})["wall_s"] = wall
-        return rec, np.load(image)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        return rec, np.load(job_dir / "image.npy")
 
 
 def main(argv=None) -> int:
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
 
     import numpy as np
 
+    from ..manifest import write_json_atomic
     from .harness import Runner
     from .scenarios import make_scenario
 
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
                          f"({list(sc.baselines)})")
     rec["process"] = {"isolated": True, "pid": os.getpid(), "parent_pid": os.getppid()}
     np.save(job_dir / "image.npy", np.asarray(image))
-    _write_atomic(job_dir / "result.json", json.dumps(rec))
+    write_json_atomic(job_dir / "result.json", rec)
     proto.close()
     return 0
 

@@ -58,13 +58,19 @@ def gpu_info() -> dict | None:
             "cuda": torch.version.cuda, "count": torch.cuda.device_count()}
 
 
-def library_versions() -> dict:
+def installed_versions(names) -> dict:
+    """{distribution: version} of those of ``names`` that are installed (stdlib only: the peers' venvs use it)."""
     out = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             pass
+    return out
+
+
+def library_versions() -> dict:
+    out = installed_versions(LIBRARIES)
     try:
         import onnxruntime as ort
 

@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 from . import SCHEMA
 from .env import bundle_hash, capture
 from .memory import PeakMemory
+from .quality import gate_calls, gate_result, split_gate, with_gate
 from .scenarios import Scenario
 from .stats import percentile, psnr, summarize
 
@@ -123,9 +124,13 @@ class Progress:
 
 
 def planned_calls(sc: Scenario) -> int:
+    from .peers import PEERS
+
     per_system = sc.warmup + sc.repeats
     ours = per_system + (1 if sc.cold_start else 0)
-    return ours + len(sc.baselines) * (per_system + (1 if sc.warmup == 0 else 0))
+    # a peer's cold start is one more process that makes one image
+    peers = sum(1 for b in sc.baselines if b in PEERS) * (1 if sc.cold_start else 0)
+    return ours + len(sc.baselines) * (per_system + (1 if sc.warmup == 0 else 0)) + peers
 
 
 def noise_factory(sc: Scenario):
@@ -169,6 +174,9 @@ class Runner:
         self.records: list[dict] = []
         self.references: dict[str, object] = {}  # group -> fp32 baseline image (PSNR reference)
         self.baseline_done: dict[tuple, dict] = {}
+        self.peer_images: dict[tuple[str, str], object] = {}  # (scenario, peer) -> first image (PSNR)
+        self.baseline_images: dict[tuple, object] = {}  # baseline key -> a peer's first image (reuse)
+        self.gate_references: dict[tuple, object] = {}  # (group, quality_samples) -> diffusers' gate images
 
     def emit(self, rec: dict) -> None:
         self.records.append(rec)
@@ -189,10 +197,10 @@ class Runner:
         try:
             for sc in scenarios:
                 bundle = resolve_bundle(sc, self.cache_dir, bar.note if bar.bar else self.log)
-                image = self.run_latentrt(sc, bundle, bar)
+                image, gate = self.run_latentrt(sc, bundle, bar)
                 for name in sc.baselines:
                     self.run_baseline(sc, bundle, bar, name)
-                self.add_quality(sc, image)
+                self.add_quality(sc, image, gate)
         finally:
             bar.close()
         return self.records
@@ -213,8 +221,9 @@ class Runner:
             rec, image = run_in_child(self, sc, bundle, bar, "latentrt")
         else:
             rec, image = self.measure_latentrt(sc, bundle, bar)
+        image, gate = split_gate(image, rec.pop("gate_images", 0))
         self.emit(rec)
-        return image
+        return image, gate
 
     def measure_latentrt(self, sc: Scenario, bundle: Path, bar: Progress) -> tuple[dict, object]:
         """latentrt's result record and first image, measured in this process."""
@@ -259,6 +268,14 @@ class Runner:
                 if image is None:
                     image = out.images
                 bar.step(f"{sc.name}: latentrt")
+        gate = []
+        if sc.quality_samples:
+            from latentrt.runtime.random import TorchGeneratorNoise
+
+            for prompt, seed in gate_calls(sc):
+                gate.append(pipe(prompt, generator=TorchGeneratorNoise(seed), **dict(kw, num_images_per_prompt=1)).images)
+                bar.note(f"{sc.name}: latentrt quality gate {len(gate)}/{sc.quality_samples}")
+        image, gate_count = with_gate(image, gate)
         m = pipe.bundle.manifest
         weight_bytes = sum(sum(m.components[c].sizes.values()) for c in pipe.engines if c in m.components)
         cold.setdefault("load_s", load_s)
@@ -268,12 +285,19 @@ class Runner:
         del pipe
         gc.collect()
         isolated = None
-        if sc.isolated_memory and not sc.isolate:
+        if (sc.isolated_memory and not sc.isolate) or sc.cold_start:
             from .memprobe import run_probe
 
-            bar.note(f"{sc.name}: latentrt peak RSS (fresh process)")
-            isolated = run_probe(bundle, sc)
+            bar.note(f"{sc.name}: latentrt in a fresh process (peak RSS, load and first image)")
+            probe = run_probe(bundle, sc)
+            if sc.isolated_memory and not sc.isolate:
+                isolated = probe
+            if sc.cold_start and "load_s" in probe:  # the bundle's caches are filled by now
+                cold["new_process"] = {"load_s": probe["load_s"], "first_image_s": probe["first_image_s"],
+                                       "note": "a new process loading the already-used bundle (engine caches "
+                                               "filled, OS file cache warm): load, then its first image"}
         extra = {
+            "gate_images": gate_count,
             "compute_precision": compute,
             "cold_start": cold,
             "memory": {**mem.result(), "weight_bytes": weight_bytes, "components_loaded": components,
@@ -290,23 +314,34 @@ class Runner:
         """Measure baseline ``name`` (here, or in a child process with ``isolate``) and emit its record,
         or reuse the record of the same baseline measured for an earlier scenario."""
         vae, prec = sc.resolved_baseline_vae, sc.resolved_baseline_precision
-        key = (name, group_key(sc, vae), prec, sc.device, sc.resolved_threads, sc.warmup, sc.repeats)
+        key = (name, group_key(sc, vae), prec, sc.device, sc.resolved_threads, sc.warmup, sc.repeats,
+               sc.quality_samples if name == "diffusers" else 0)
         if sc.isolate:  # a baseline measured in a shared process is no stand-in for an isolated one
             key += ("isolated",)
         if key in self.baseline_done:  # the same baseline measured for an earlier scenario: reuse it
             rec = dict(self.baseline_done[key], scenario=sc.name, settings=sc.to_dict(), reused=True)
+            if key in self.baseline_images:
+                self.peer_images[(sc.name, name)] = self.baseline_images[key]
             self.emit(rec)
             for _ in range(planned_calls(sc) - (sc.warmup + sc.repeats + (1 if sc.cold_start else 0))):
                 bar.step(f"{sc.name}: {name} (reused)")
             return
-        if sc.isolate:
+        from .peers import PEERS, measure_peer
+
+        if name in PEERS:  # always in its own venv and process
+            rec, image = measure_peer(self, sc, bundle, bar, name)
+            self.peer_images[(sc.name, name)] = self.baseline_images[key] = image
+        elif sc.isolate:
             from .child import run_in_child
 
             rec, image = run_in_child(self, sc, bundle, bar, name)
         else:
             rec, image = self.measure_baseline(sc, bundle, bar, name)
-        if prec == "fp32":
-            self.references[group_key(sc, vae)] = image
+        if name == "diffusers":
+            image, gate = split_gate(image, rec.pop("gate_images", 0))
+            if prec == "fp32":
+                self.references[group_key(sc, vae)] = image
+                self.gate_references[(group_key(sc, vae), sc.quality_samples)] = gate
         self.baseline_done[key] = rec
         self.emit(rec)
 
@@ -345,12 +380,18 @@ class Runner:
                 if image is None:
                     image = img
                 bar.step(f"{sc.name}: {name}")
+            gate = []
+            for prompt, seed in gate_calls(sc):
+                gate.append(base(**dict(call, prompt=prompt, seed=seed, batch=1))[0])
+                bar.note(f"{sc.name}: {name} quality gate {len(gate)}/{sc.quality_samples}")
+        image, gate_count = with_gate(image, gate)
         flops = base.flops()
         extra = {
             "cold_start": {"load_s": load_s, "first_image_s": first_s,
                            "note": "first image counted FLOPs (FlopCounterMode), so it is slower than a plain call"},
             "memory": {**mem.result(), "weight_bytes": base.weight_bytes, **own_process(sc, latentrt=False)},
             "flops": flops,
+            "gate_images": gate_count,
             "baseline": {"library": "diffusers", "pipeline": type(base.pipe).__name__, "dtype": prec,
                          "attention": "SDPA" if base.device == "cuda" else "default (torch CPU)"},
             "bundle": {"path": str(bundle), "hash": bundle_hash(bundle)},
@@ -362,16 +403,35 @@ class Runner:
                             timings=timings, extra=extra)
         return rec, image
 
-    def add_quality(self, sc: Scenario, image) -> None:
-        """PSNR of latentrt's image against the fp32 diffusers image of the same VAE and noise."""
-        ref = self.references.get(group_key(sc, sc.vae))
-        if ref is None or image is None:
-            return
-        value = psnr(image, ref)
-        for rec in reversed(self.records):
-            if rec.get("system") == "latentrt" and rec.get("scenario") == sc.name:
-                rec["quality"] = {"psnr_db": value, "reference": "diffusers fp32, same weights, VAE and noise"}
-                break
+    def add_quality(self, sc: Scenario, image, gate=None) -> None:
+        """PSNR of latentrt's image against the fp32 diffusers image of the same VAE and noise, and of
+        each peer's (full VAE) image: a peer far from it did not run the same weights."""
+        from .peers import SAME_WEIGHTS_DB
+
+        images = {"latentrt": (image, sc.vae)}
+        images.update({peer: (img, "full") for (scn, peer), img in self.peer_images.items() if scn == sc.name})
+        for system, (img, vae) in images.items():
+            ref = self.references.get(group_key(sc, vae))
+            if ref is None or img is None:
+                continue
+            value = psnr(img, ref)
+            quality = {"psnr_db": value, "reference": "diffusers fp32, same weights, VAE and noise"}
+            if system != "latentrt":
+                quality["same_weights"] = value >= SAME_WEIGHTS_DB
+                if not quality["same_weights"]:
+                    self.log(f"warning: {system}'s image is {value:.1f} dB from diffusers' on the same weights and "
+                             f"noise (< {SAME_WEIGHTS_DB:g} dB): it did not run the same model; its times are no "
+                             "comparison")
+            ref_gate = self.gate_references.get((group_key(sc, vae), sc.quality_samples))
+            if system == "latentrt" and gate is not None and len(gate) and ref_gate is not None:
+                quality["gate"] = gate_result(gate, ref_gate, sc.quality_gate_db)
+                if not quality["gate"]["passed"]:
+                    self.log(f"quality gate of {sc.name}: {quality['gate']['verdict']} "
+                             f"(lowest {quality['gate']['psnr_min_db']:.1f} dB over {len(gate)} images)")
+            for rec in reversed(self.records):
+                if rec.get("system") == system and rec.get("scenario") == sc.name:
+                    rec["quality"] = quality
+                    break
         if self.out_path is not None:  # rewrite the file with the quality added (lines are small)
             self._rewrite()
 

@@ -1,4 +1,4 @@
-"""Peak RSS of the runtime alone: a fresh process that imports only latentrt's runtime (numpy, ONNX
+"""Peak RSS (and the load and first-image times) of the runtime alone: a fresh process that imports only latentrt's runtime (numpy, ONNX
 Runtime), loads a bundle and makes one call. This is the number the "peak RSS at most 1.3x the
 weight bytes" target is about: the benchmark process itself also holds torch, diffusers and the
 allocator's leftovers of earlier phases, which would blur a per-phase measurement.
@@ -28,13 +28,16 @@ def probe(bundle: str, *, height: int, width: int, steps: int, batch: int, vae: 
     rss_imports = current_rss()
     t0 = time.perf_counter()
     pipe = latentrt.load(bundle, backend=backend, device=device, threads=threads, **engine_options)
+    t1 = time.perf_counter()
     kw = {"vae": vae} if vae != "full" else {}
     pipe("a photograph", height=height, width=width, num_inference_steps=steps, num_images_per_prompt=batch,
          generator=0, output_type="np", **kw)
+    t2 = time.perf_counter()
     m = pipe.bundle.manifest
     weights = sum(sum(m.components[c].sizes.values()) for c in pipe.engines if c in m.components)
     return {"rss_after_imports_bytes": rss_imports, "peak_rss_bytes": _status_kb("VmHWM") or current_rss(),
-            "weight_bytes": weights, "seconds": time.perf_counter() - t0, "torch_imported": "torch" in sys.modules}
+            "weight_bytes": weights, "seconds": t2 - t0, "load_s": t1 - t0, "first_image_s": t2 - t1,
+            "torch_imported": "torch" in sys.modules}
 
 
 def run_probe(bundle, sc, timeout: float = 1800) -> dict:

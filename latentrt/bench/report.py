@@ -27,7 +27,34 @@ TARGETS = {
     "overhead_fraction": ("<", 0.01),
     "peak_rss_vs_weights": ("<=", 1.3),
     "second_load_speedup": (">=", 3.0),
+    # against the OpenVINO peers (issue 18), measured in the same run on the same weights
+    "e2e_speedup_vs_best_peer": (">=", 1.5),
+    "taesd_e2e_s": ("<=", 2.5),
+    "new_process_load_s": ("<=", 2.0),
+    "new_process_load_vs_best_peer": ("<", 1.0),
+    "peak_rss_vs_best_peer": ("<=", 1.0),
+    "peer_same_weights_psnr_db": (">=", 30.0),
 }
+from .peers import NAMES as PEER_SYSTEMS  # noqa: E402  (the systems that count as peers)
+
+
+def peers_of(results: list[dict], rec: dict) -> list[dict]:
+    """The peer records of ``rec``'s run and scenario."""
+    return [r for r in results if r["run_id"] == rec["run_id"] and r["scenario"] == rec["scenario"]
+            and r["system"] in PEER_SYSTEMS]
+
+
+def best_peer(results: list[dict], rec: dict) -> dict | None:
+    """The fastest peer (end-to-end median) of ``rec``'s run and scenario that ran the same weights."""
+    peers = [p for p in peers_of(results, rec) if (p.get("quality") or {}).get("same_weights", True)]
+    return min(peers, key=lambda p: p["e2e"]["median"]) if peers else None
+
+
+def new_process_load(rec: dict) -> float | None:
+    """Load time of a new process on an already-used bundle / model (latentrt's probe, a peer's second
+    process)."""
+    cold = rec.get("cold_start", {})
+    return (cold.get("new_process") or {}).get("load_s") if rec["system"] == "latentrt" else cold.get("load_second_s")
 
 
 def read_results(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
@@ -153,6 +180,11 @@ def target_checks(envs: list[dict], results: list[dict]) -> list[Check]:
                                 f"diffusers full VAE {_ms(base_full['e2e']['median'])} / latentrt TAESD {_ms(med)}"))
         if "quality" in r:
             checks.append(Check("psnr_db", sc, r["quality"]["psnr_db"], *TARGETS["psnr_db"], r["quality"]["reference"]))
+            g = r["quality"].get("gate")
+            if g:
+                checks.append(Check("quality_gate_psnr_min_db", sc, g["psnr_min_db"], ">=", g["threshold_db"],
+                                    f"{g['samples']} prompts/seeds vs diffusers fp32: PSNR mean {g['psnr_mean_db']:.1f} dB, "
+                                    f"mean abs pixel error <= {g['mean_abs_error_255_max']:.2f}/255; {g['verdict']}"))
         fl, unet = unet_flops(results, r), r["stages"].get("unet")
         prec = (r.get("compute_precision") or {}).get("unet", r["precision"])
         rate = floor_rate_gflops(gemm.get(r["run_id"]), prec)
@@ -182,12 +214,49 @@ def target_checks(envs: list[dict], results: list[dict]) -> list[Check]:
         if cold.get("load_second_s"):
             checks.append(Check("second_load_speedup", sc, cold["load_speedup"], *TARGETS["second_load_speedup"],
                                 f"first load {_ms(cold['load_first_s'])}, second {_ms(cold['load_second_s'])}"))
+        checks += peer_checks(results, r)
     return checks
+
+
+def peer_checks(results: list[dict], r: dict) -> list[Check]:
+    """The issue-18 targets of latentrt record ``r`` against the peers of its run and scenario."""
+    sc, med, out = r["scenario"], r["e2e"]["median"], []
+    for p in peers_of(results, r):
+        q = p.get("quality") or {}
+        if "psnr_db" in q:
+            out.append(Check("peer_same_weights_psnr_db", sc, q["psnr_db"], *TARGETS["peer_same_weights_psnr_db"],
+                             f"{p['system']} vs diffusers fp32, same weights and noise (below: not the same model)"))
+    best = best_peer(results, r)
+    if r["vae"] == "tiny":
+        out.append(Check("taesd_e2e_s", sc, med, *TARGETS["taesd_e2e_s"], f"latentrt with TAESD {_ms(med)}"))
+    if best is None:
+        return out
+    name = best["system"]
+    if r["vae"] == "full":
+        out.append(Check("e2e_speedup_vs_best_peer", sc, best["e2e"]["median"] / med, *TARGETS["e2e_speedup_vs_best_peer"],
+                         f"{name} {_ms(best['e2e']['median'])} / latentrt {_ms(med)}"))
+    ours = new_process_load(r)
+    if ours is not None:
+        first = (r["cold_start"].get("new_process") or {}).get("first_image_s")
+        out.append(Check("new_process_load_s", sc, ours, *TARGETS["new_process_load_s"],
+                         f"new process on the used bundle: load {_ms(ours)}, then its first image {_ms(first)}"))
+        theirs = [(new_process_load(p), p["system"]) for p in peers_of(results, r) if new_process_load(p)]
+        if theirs:
+            t, who = min(theirs)
+            out.append(Check("new_process_load_vs_best_peer", sc, ours / t, *TARGETS["new_process_load_vs_best_peer"],
+                             f"latentrt {_ms(ours)} vs {who} {_ms(t)} (new process, caches warm)"))
+    rss = [(p["memory"].get("peak_rss_bytes"), p["system"]) for p in peers_of(results, r) if p.get("memory")]
+    if r.get("memory", {}).get("peak_rss_bytes") and rss:
+        t, who = min(rss)
+        out.append(Check("peak_rss_vs_best_peer", sc, r["memory"]["peak_rss_bytes"] / t, *TARGETS["peak_rss_vs_best_peer"],
+                         f"latentrt {_mb(r['memory']['peak_rss_bytes'])} vs {who} {_mb(t)} (lowest peer)"))
+    return out
 
 
 def results_table(results: list[dict]) -> str:
     head = ("| scenario | system | backend | precision | VAE | e2e median | p90 | p99 | vs diffusers (its VAE) | "
-            "text encoders | UNet / step | VAE decode | overhead | peak RSS | weights | load 1st / 2nd | cold start |")
+            "vs best peer | PSNR | text encoders | UNet / step | VAE decode | overhead | peak RSS | weights | "
+            "load 1st / 2nd | new process load | cold start |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         base = None
@@ -195,6 +264,15 @@ def results_table(results: list[dict]) -> str:
             base = next((b for b in results if b["run_id"] == r["run_id"] and b["system"] == "diffusers"
                          and b["scenario"] == r["scenario"]), None)
         speed = base["e2e"]["median"] / r["e2e"]["median"] if base else None
+        peer = best_peer(results, r) if r["system"] == "latentrt" else None
+        vs_peer = f"{_x(peer['e2e']['median'] / r['e2e']['median'])} ({peer['system']})" if peer else "-"
+        q = (r.get("quality") or {}).get("psnr_db")
+        psnr_cell = "-" if q is None else f"{q:.1f} dB" + ("" if (r.get("quality") or {}).get("same_weights", True)
+                                                            else " (**not the same model**)")
+        gate = (r.get("quality") or {}).get("gate")
+        if gate:
+            psnr_cell += (f"; gate min {gate['psnr_min_db']:.1f} dB over {gate['samples']}"
+                          + ("" if gate["passed"] else " (**not recommended**)"))
         st = r["stages"]
         te = text_encoder_total(r)
         unet = st.get("unet", {}).get("per_call", {}).get("median")
@@ -208,9 +286,9 @@ def results_table(results: list[dict]) -> str:
             prec += f" ({unet_prec} compute)"
         lines.append(
             f"| {r['scenario']} | {r['system']} | {r['backend']} | {prec} | {r['vae']} | {_ms(r['e2e']['median'])} | "
-            f"{_ms(r['e2e']['p90'])} | {_ms(r['e2e']['p99'])} | {_x(speed)} | {_ms(te)} | {_ms(unet)} | {_ms(vae)} | "
-            f"{100 * r['overhead']['fraction_median']:.2f}% | {_mb(mem.get('peak_rss_bytes'))} | {_mb(mem.get('weight_bytes'))} | "
-            f"{loads} | {_ms(cold.get('cold_start_s'))} |")
+            f"{_ms(r['e2e']['p90'])} | {_ms(r['e2e']['p99'])} | {_x(speed)} | {vs_peer} | {psnr_cell} | {_ms(te)} | "
+            f"{_ms(unet)} | {_ms(vae)} | {100 * r['overhead']['fraction_median']:.2f}% | {_mb(mem.get('peak_rss_bytes'))} | "
+            f"{_mb(mem.get('weight_bytes'))} | {loads} | {_ms(new_process_load(r))} | {_ms(cold.get('cold_start_s'))} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 VAES = ("full", "tiny")
-BASELINES = ("diffusers",)
+#: diffusers (torch) and the OpenVINO peers of :mod:`latentrt.bench.peers` (each in its own venv)
+BASELINES = ("diffusers", "optimum-intel", "openvino-genai")
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,21 @@ class Scenario:
     engine_options: dict = field(default_factory=dict)
     #: mark the scenarios the issue's targets are checked on
     targets: bool = False
+    #: images per system for the quality gate (:mod:`latentrt.bench.quality`; 0: no gate, >= 8 for issue 18)
+    quality_samples: int = 0
+    #: the gate's lowest acceptable PSNR against diffusers fp32
+    quality_gate_db: float = 30.0
 
     def __post_init__(self):
         for k in ("height", "width", "steps", "batch", "repeats"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"scenario {self.name!r}: {k} must be a positive integer; got {v!r}")
+        if not isinstance(self.quality_samples, int) or isinstance(self.quality_samples, bool) or self.quality_samples < 0:
+            raise ValueError(f"scenario {self.name!r}: quality_samples must be an integer >= 0; got {self.quality_samples!r}")
+        if self.quality_samples and "diffusers" not in self.baselines:
+            raise ValueError(f"scenario {self.name!r}: quality_samples compares with diffusers fp32; add \"diffusers\" "
+                             "to baselines")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"scenario {self.name!r}: warmup must be an integer >= 0; got {self.warmup!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):

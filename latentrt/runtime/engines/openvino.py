@@ -14,14 +14,18 @@ Precision (``precision=`` engine option, else ``$LATENTRT_OPENVINO_PRECISION``, 
 - ``"bf16"``: bf16 compute (refused with a clear message on CPUs that lack it);
 - ``"fp32"``: full precision; images match ONNX Runtime within 1e-4;
 - ``"fp16"``: fp16 compute where the CPU has AVX512-FP16 (experimental: better accuracy than bf16,
-  but slower than fp32 on CPUs without AMX-FP16, e.g. Sapphire Rapids).
+  but slower than fp32 on CPUs without AMX-FP16, e.g. Sapphire Rapids);
+- ``"int8"``: the UNet hybrid-quantized by NNCF (int8 convolutions on AMX / VNNI, int8-weight MatMuls),
+  calibrated once through the pipeline and cached (:mod:`.openvino_int8`); the other components run
+  in bf16 where the CPU has it, else fp32. Check its images with the benchmark's quality gate.
 
 Start-up: the first load converts the ONNX graph to OpenVINO IR under ``<bundle cache>/openvino``
 (keyed by the model's sha256, the OpenVINO version and the weight storage type, see
 :func:`_ir_cache`), so a second load maps the IR instead of parsing and converting the ONNX file.
 
-Shapes stay dynamic (one compiled model serves every batch and resolution); for the SD1.5 UNet
-in bf16 a static reshape measured no faster.
+Shapes: dynamic by default (one compiled model serves every batch and resolution); ``shapes="static"``
+compiles per concrete input shape on first use and keeps it in OpenVINO's model cache (see
+:class:`OpenVINOEngine`).
 
 Outputs are copied into fresh numpy arrays owned by the caller (``outputs_are_reused`` is False):
 OpenVINO's output tensors belong to the infer request and are overwritten by its next call.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,7 @@ import numpy as np
 from .base import Engine
 from .onnxruntime import default_threads
 from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph, mark_decompression
+from .openvino_int8 import QUANTIZED, int8_ir
 
 #: our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -63,9 +69,9 @@ def _import_openvino():
 def resolve_precision(core, device: str, precision: str | None) -> str:
     """The precision to compile with: one of :data:`PRECISIONS`, checked against the device."""
     precision = (precision or os.environ.get(ENV_PRECISION) or "auto").lower()
-    if precision not in (*PRECISIONS, "auto"):
+    if precision not in (*PRECISIONS, "int8", "auto"):
         raise ValueError(
-            f"precision must be one of 'auto', {', '.join(map(repr, PRECISIONS))} for the openvino backend; "
+            f"precision must be one of 'auto', {', '.join(map(repr, PRECISIONS))}, 'int8' for the openvino backend; "
             f"got {precision!r}"
         )
     try:
@@ -128,51 +134,149 @@ def _ir_cache(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: 
     return xml
 
 
+#: the compiled models one engine keeps (one per input shape seen, least recently used dropped first)
+MAX_SHAPES = 2
+SHAPES = ("static", "dynamic")
+
+
+def inference_hint(core, device: str, precision: str) -> str:
+    """OpenVINO's INFERENCE_PRECISION_HINT for one of our precisions (int8: the compute of the layers
+    left in floating point, bf16 where the CPU has it)."""
+    if precision != "int8":
+        return PRECISIONS[precision]
+    return "bf16" if resolve_precision(core, device, "auto") == "bf16" else "f32"
+
+
+def compiled_key(model_sha: str, precision: str, shapes, ov_version: str, threads) -> str:
+    """The folder name of one compiled model in OpenVINO's model cache (CACHE_DIR): model, precision
+    hint, concrete input shapes (None: dynamic), OpenVINO version and threads. OpenVINO 2026.4's own
+    blob key ignores the precision hint (an fp32 blob imported for a bf16 request gave NaNs), so each
+    of our keys gets a folder of its own and nothing of another precision or shape can be found there."""
+    payload = f"{model_sha}|{precision}|{shapes}|{ov_version}|{threads}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
 class OpenVINOEngine(Engine):
     """One bundle component compiled by OpenVINO. Engine options: ``threads``, ``precision``,
-    ``cache`` (False turns the compiled-model cache off)."""
+    ``cache`` (False: no IR conversion cache and no compiled-model cache), ``shapes``
+    ("dynamic", the default: one model for every shape, compiled at load; "static": compile per
+    concrete input shape on first use), ``max_shapes`` (compiled models kept per engine, default
+    :data:`MAX_SHAPES`), ``int8_calibration`` (:mod:`.openvino_int8`) and ``profile`` (OpenVINO's
+    per-op counters summed in :attr:`op_times`; ``python -m latentrt.bench.opprofile``).
+
+    Static shapes: the first call with a new set of input shapes reshapes the IR to them and compiles
+    it (issue 18 reports a static UNet step 11-12% faster than the dynamic one at 512x512; this
+    work's one full-size run, on a heavily shared machine, saw the static VAE decoder slow down far
+    more than the peers', so static stays opt-in until the interleaved A/B of
+    benchmarks/scenarios/sd15_openvino_shapes.toml is run); the compiled models of the last ``max_shapes`` shapes are kept, and each
+    is persisted in OpenVINO's model cache under ``<bundle cache>/openvino/compiled/<key>``
+    (:func:`compiled_key`), so a new process imports it instead of compiling. Nothing is compiled at
+    load: a component costs nothing until it is first called (the VAE encoder of a text-to-image run).
+    """
 
     def __init__(self, name, path, inputs, outputs, *, device="cpu", threads=None, cache_dir=None, model_sha="",
-                 manifest_entry=None, bundle=None, precision=None, cache: bool = True):
+                 manifest_entry=None, bundle=None, precision=None, cache: bool = True, shapes: str = "dynamic",
+                 max_shapes: int = MAX_SHAPES, int8_calibration: dict | None = None, profile: bool = False):
         super().__init__(name, inputs, outputs)
         ov = _import_openvino()
         if device not in DEVICES:
             raise ValueError(f"device must be one of {sorted(DEVICES)} for the openvino backend; got {device!r}")
+        if shapes not in SHAPES:
+            raise ValueError(f"shapes must be one of {SHAPES} for the openvino backend; got {shapes!r}")
+        if not isinstance(max_shapes, int) or isinstance(max_shapes, bool) or max_shapes < 1:
+            raise ValueError(f"max_shapes must be a positive integer for the openvino backend; got {max_shapes!r}")
         self.device = device
-        ov_device = DEVICES[device]
-        core = ov.Core()
-        self.precision = resolve_precision(core, ov_device, precision)
-        config = {
+        self.shapes, self.max_shapes = shapes, max_shapes
+        self._ov, self._core, self._ov_device = ov, ov.Core(), DEVICES[device]
+        self.precision = resolve_precision(self._core, self._ov_device, precision)
+        self._config = {
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": PRECISIONS[self.precision],
+            "INFERENCE_PRECISION_HINT": inference_hint(self._core, self._ov_device, self.precision),
         }
-        if ov_device == "CPU":
-            config["INFERENCE_NUM_THREADS"] = int(threads or default_threads())
+        if self._ov_device == "CPU":
+            self._config["INFERENCE_NUM_THREADS"] = int(threads or default_threads())
+        #: with ``profile``: OpenVINO's per-op counters summed over calls, {(op type, kernel): [seconds, count]}
+        self.op_times: dict[tuple[str, str], list] | None = {} if profile else None
+        if profile:
+            self._config["PERF_COUNT"] = True
         model_path = Path(path)
-        if cache and cache_dir is not None:
-            model_path = _ir_cache(ov, core, name, model_path, Path(cache_dir), model_sha, self.precision)
+        if self.precision == "int8" and name in QUANTIZED:
+            if cache_dir is None:
+                raise ValueError(f"{name}: precision='int8' keeps its calibrated model in the bundle's cache; "
+                                 "load the bundle with latentrt.load (not a bare engine)")
+            model_path = int8_ir(ov, self._core, name, model_path, Path(cache_dir), model_sha, bundle,
+                                 int8_calibration, self._config.get("INFERENCE_NUM_THREADS"))
+        elif cache and cache_dir is not None:
+            model_path = _ir_cache(ov, self._core, name, model_path, Path(cache_dir), model_sha, self.precision)
         self.cache_path = model_path if model_path != Path(path) else None
-        try:
-            self.compiled = core.compile_model(core.read_model(str(model_path)), ov_device, config)
-        except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
-            raise RuntimeError(
-                f"{name}: OpenVINO could not compile {model_path} ({type(e).__name__}: {str(e).strip()[:300]}); "
-                "re-export the bundle, or use backend='onnxruntime'"
-            ) from None
-        self._request = self.compiled.create_infer_request()
-        self._request_lock = threading.Lock()  # one infer request: concurrent pipeline calls take turns
+        self._model_path = model_path
+        self._model_sha = model_sha or str(model_path)
+        self._compiled_root = Path(cache_dir) / "openvino" / "compiled" if cache and cache_dir is not None else None
+        self._compiled: OrderedDict = OrderedDict()  # shape key -> (compiled model, infer request)
+        self._request_lock = threading.Lock()  # one infer request per shape: concurrent pipeline calls take turns
         # outputs by position: the ONNX frontend keeps the graph's output order and names
         self._output_names = [o.name for o in self.outputs]
-        if len(self.compiled.outputs) != len(self._output_names):
+        #: how each compiled model was obtained: {"shapes", "seconds", "cache_dir"}, oldest first
+        self.compilations: list[dict] = []
+        if shapes == "dynamic":
+            self._entry(None)
+
+    @property
+    def compiled(self):
+        """The most recently used compiled model (None before the first call with static shapes)."""
+        return next(reversed(self._compiled.values()))[0] if self._compiled else None
+
+    def _entry(self, key):
+        hit = self._compiled.get(key)
+        if hit is not None:
+            self._compiled.move_to_end(key)
+            return hit
+        import time
+
+        t0 = time.perf_counter()
+        config = dict(self._config)
+        cache_dir = None
+        if self._compiled_root is not None:
+            cache_dir = self._compiled_root / compiled_key(self._model_sha, self.precision, key, self._ov.__version__,
+                                                           config.get("INFERENCE_NUM_THREADS"))
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                config["CACHE_DIR"] = str(cache_dir)
+            except OSError:  # read-only cache: compile without persisting
+                cache_dir = None
+        try:
+            model = self._core.read_model(str(self._model_path))
+            if key is not None:
+                model.reshape({n: self._ov.PartialShape(list(shape)) for n, shape in key})
+            compiled = self._core.compile_model(model, self._ov_device, config)
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
+            shape = "" if key is None else " for input shapes " + ", ".join(f"{n}{list(s)}" for n, s in key)
             raise RuntimeError(
-                f"{name}: the OpenVINO model has {len(self.compiled.outputs)} outputs but the manifest declares "
+                f"{self.name}: OpenVINO could not compile {self._model_path}{shape} ({type(e).__name__}: "
+                f"{str(e).strip()[:300]}); re-export the bundle, or use backend='onnxruntime'"
+            ) from None
+        if len(compiled.outputs) != len(self._output_names):
+            raise RuntimeError(
+                f"{self.name}: the OpenVINO model has {len(compiled.outputs)} outputs but the manifest declares "
                 f"{len(self._output_names)} ({', '.join(self._output_names)}); re-export the bundle"
             )
+        self._compiled[key] = entry = (compiled, compiled.create_infer_request())
+        while len(self._compiled) > (1 if key is None else self.max_shapes):
+            self._compiled.popitem(last=False)
+        self.compilations.append({"shapes": key, "seconds": time.perf_counter() - t0,
+                                  "cache_dir": str(cache_dir) if cache_dir else None})
+        return entry
 
     def run(self, arrays):
+        key = None if self.shapes == "dynamic" else tuple(sorted((n, tuple(np.shape(a))) for n, a in arrays.items()
+                                                                 if n in self._dtypes))
         with self._request_lock:
-            self._request.infer(arrays, share_inputs=True)
-            return {
-                n: np.array(self._request.get_output_tensor(i).data, copy=True)
-                for i, n in enumerate(self._output_names)
-            }
+            _, request = self._entry(key)
+            request.infer(arrays, share_inputs=True)
+            if self.op_times is not None:
+                for p in request.get_profiling_info():
+                    if p.status == p.Status.EXECUTED:
+                        t = self.op_times.setdefault((p.node_type, p.exec_type), [0.0, 0])
+                        t[0] += p.real_time.total_seconds()
+                        t[1] += 1
+            return {n: np.array(request.get_output_tensor(i).data, copy=True) for i, n in enumerate(self._output_names)}

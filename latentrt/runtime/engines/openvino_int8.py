@@ -1,0 +1,150 @@
+"""``precision="int8"`` on the OpenVINO backend: the UNet hybrid-quantized with NNCF, calibrated
+through the pipeline itself, stored in the bundle's cache.
+
+Why hybrid: this CPU family has AMX int8 tiles (twice the bf16 rate), and convolutions hold most of
+an SD UNet's FLOPs. NNCF's full quantization (int8 weights and activations) of every layer hurts
+diffusion images, so, as optimum-intel does for its diffusion pipelines, the layers are split:
+
+- MatMuls and embeddings with weights (attention projections, feed-forwards, time embedding): int8
+  *weights* only (``nncf.compress_weights``, asymmetric per channel), computed in bf16;
+- everything else that NNCF quantizes, convolutions first: int8 weights *and* activations
+  (``nncf.quantize``, transformer model type, SmoothQuant off), calibrated on the UNet inputs that
+  the pipeline produces for a few prompts (:func:`calibration_samples`: a bf16 run of this bundle).
+
+The other components run in bf16 (on CPUs without bf16, fp32). The quantized IR lives at
+``<bundle cache>/openvino/<component>-int8-<key>.xml``, keyed by the component's sha256, the OpenVINO
+and NNCF versions and the calibration settings; it is made once (minutes for a full-size UNet) and
+mapped by every later load. Whether the images stay close enough to fp32 is for the benchmark's
+quality gate to say (``latentrt bench`` with ``quality_samples``), not assumed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+#: the components that get quantized; the others run at the int8 precision's compute hint (bf16)
+QUANTIZED = ("unet",)
+#: calibration prompts (a prompt and its seed per calibration image)
+PROMPTS = (
+    "a photograph of an astronaut riding a horse on the moon, highly detailed",
+    "a watercolor painting of a lighthouse on a cliff at sunset",
+    "a close-up portrait of an old fisherman, dramatic lighting",
+    "a bowl of ramen on a wooden table, studio photo",
+    "a futuristic city skyline at night with neon lights",
+    "a cat sleeping on a pile of books, soft morning light",
+    "an oil painting of a mountain lake surrounded by pine trees",
+    "a red vintage car parked on a cobblestone street",
+)
+DEFAULT_CALIBRATION = {"prompts": 4, "steps": 4, "height": None, "width": None}
+METHOD = "hybrid-v1"
+
+
+def _import_nncf():
+    try:
+        import nncf
+    except ImportError as e:
+        raise ImportError(f"precision='int8' on the openvino backend needs NNCF ({e}); install it with "
+                          "`pip install 'latentrt[cpu-fast]'` (or `pip install nncf`)") from None
+    return nncf
+
+
+def calibration_settings(bundle, options: dict | None) -> dict:
+    """The calibration of a bundle: ``options`` over :data:`DEFAULT_CALIBRATION`, size from the bundle."""
+    unknown = sorted(set(options or {}) - set(DEFAULT_CALIBRATION))
+    if unknown:
+        raise ValueError(f"int8_calibration: unknown keys {unknown}; known: {sorted(DEFAULT_CALIBRATION)}")
+    cal = {**DEFAULT_CALIBRATION, **(options or {})}
+    c = bundle.constants
+    cal["height"] = int(cal["height"] or c.get("default_height") or 512)
+    cal["width"] = int(cal["width"] or c.get("default_width") or 512)
+    if not 1 <= int(cal["prompts"]) <= len(PROMPTS):
+        raise ValueError(f"int8_calibration: prompts must be 1..{len(PROMPTS)}; got {cal['prompts']!r}")
+    return cal
+
+
+def calibration_samples(bundle, component: str, cal: dict, threads) -> list[dict]:
+    """The inputs of ``component`` over a bf16 run of the bundle's own pipeline on the calibration
+    prompts (one seed each): what the quantized model will see."""
+    from ..loader import load
+
+    pipe = load(bundle.path, backend="openvino", precision="auto", threads=threads)
+    engine = pipe.engines[component]
+    samples, run = [], engine.run
+
+    def recording(arrays):
+        samples.append({k: __import__("numpy").array(v, copy=True) for k, v in arrays.items()})
+        return run(arrays)
+
+    engine.run = recording
+    for i, prompt in enumerate(PROMPTS[: int(cal["prompts"])]):
+        pipe(prompt, height=cal["height"], width=cal["width"], num_inference_steps=int(cal["steps"]), generator=i,
+             output_type="latent")
+    return samples
+
+
+def _weighted_matmuls(model) -> list[str]:
+    """Friendly names of the MatMuls with a constant (weight) input, through decompression Converts."""
+
+    def constant(value) -> bool:
+        node = value.get_node()
+        while node.get_type_name() in ("Convert", "Reshape", "Transpose"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    return [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"
+            and any(constant(op.input_value(i)) for i in range(2))]
+
+
+def hybrid_quantize(model, samples: list[dict]):
+    """The hybrid int8 model (see the module docstring) of an fp32-compute OpenVINO model."""
+    nncf = _import_nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    matmuls = _weighted_matmuls(model)
+    has_conv = any(op.get_type_name() == "Convolution" for op in model.get_ops())
+    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                  ignored_scope=nncf.IgnoredScope(types=["Convolution"]) if has_conv else None)
+    return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
+                         ignored_scope=nncf.IgnoredScope(names=matmuls, validate=False),
+                         advanced_parameters=AdvancedQuantizationParameters(
+                             smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)))
+
+
+def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: str, bundle, cal_options,
+            threads, progress=None) -> Path:
+    """The hybrid-int8 IR of component ``name``, calibrated and saved once (see the module docstring)."""
+    nncf = _import_nncf()
+    if bundle is None:
+        raise ValueError(f"{name}: precision='int8' calibrates through the bundle's pipeline; load it with "
+                         "latentrt.load(bundle, backend='openvino', precision='int8')")
+    cal = calibration_settings(bundle, cal_options)
+    key = hashlib.sha256(json.dumps([model_sha or str(onnx_path), ov.__version__, nncf.__version__, METHOD, cal],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir / "openvino"
+    xml = folder / f"{name}-int8-{key}.xml"
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        return xml
+    from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph
+
+    if progress:
+        progress(f"{name}: calibrating int8 on {cal['prompts']} prompts at {cal['height']}x{cal['width']} (once)")
+    samples = calibration_samples(bundle, name, cal, threads)
+    model = core.read_model(str(onnx_path))
+    if is_f16_graph(model):
+        model, _ = as_f32_with_f16_weights(model)
+    model = hybrid_quantize(model, samples)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{xml.stem}.{os.getpid()}.tmp.xml"
+    try:
+        ov.save_model(model, str(tmp), compress_to_fp16=True)
+        os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(tmp, xml)
+    finally:
+        for t in (tmp, tmp.with_suffix(".bin")):
+            t.unlink(missing_ok=True)
+    (folder / f"{xml.stem}.json").write_text(json.dumps({"calibration": cal, "samples": len(samples),
+                                                          "method": METHOD, "nncf": nncf.__version__}, indent=2))
+    return xml

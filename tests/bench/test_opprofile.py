@@ -1,0 +1,28 @@
+"""OpenVINO per-op counters (``profile=True``) and the top-ops summary of ``latentrt.bench.opprofile``."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("openvino", reason="openvino is not installed (pip install 'latentrt[cpu-fast]')")
+
+
+def test_top_ops_of_unet_and_vae(lcm_bundle):
+    from latentrt.bench.opprofile import profile
+
+    out = profile(str(lcm_bundle), height=64, width=64, steps=2, precision="fp32", threads=1, top=4)
+    for c in ("unet", "vae_decoder"):
+        top = out[c]["top"]
+        assert 1 <= len(top) <= 4 and out[c]["seconds_per_call"] > 0
+        assert [t["seconds_per_call"] for t in top] == sorted((t["seconds_per_call"] for t in top), reverse=True)
+        assert 0 < sum(t["share"] for t in top) <= 1.0 + 1e-9
+        # the counters cover the engine's time in executed ops: no more than the stage's wall time
+        assert out[c]["seconds_per_call"] <= out[c]["wall_seconds_per_call"] * 1.05
+    assert any(t["op"] == "Convolution" for t in out["vae_decoder"]["top"])
+
+
+def test_no_counters_without_profile(lcm_bundle):
+    import latentrt
+
+    pipe = latentrt.load(lcm_bundle, backend="openvino", precision="fp32")
+    assert pipe.engines["unet"].op_times is None

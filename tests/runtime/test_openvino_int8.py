@@ -1,0 +1,63 @@
+"""precision="int8" on the openvino backend (NNCF hybrid quantization of the UNet), on the tiny LCM.
+
+The UNet IR is quantized once (int8 weights, FakeQuantize on activations), calibrated through the
+pipeline, kept in the bundle's cache and reused by the next load; the other components run at the
+bf16/fp32 compute hint. On the tiny random model the images stay within 30 dB of fp32 (measured
+44-46 dB); full-size quality is the benchmark's quality gate (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+
+ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'latentrt[cpu-fast]')")
+pytest.importorskip("nncf", reason="nncf is not installed (pip install 'latentrt[cpu-fast]')")
+
+import latentrt  # noqa: E402
+from latentrt.bench.stats import psnr  # noqa: E402
+
+CALL = dict(prompt="a photograph of an astronaut riding a horse", height=64, width=64, num_inference_steps=2,
+            output_type="np")
+CAL = {"prompts": 2, "steps": 2, "height": 64, "width": 64}
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(lcm_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "bundle"
+    shutil.copytree(lcm_bundle, out, ignore=shutil.ignore_patterns(".cache"))
+    return out
+
+
+def test_int8_unet_is_quantized_cached_and_close(int8_bundle, monkeypatch):
+    pipe = latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration=CAL)
+    unet = pipe.engines["unet"]
+    assert unet.precision == "int8" and unet.cache_path.name.startswith("unet-int8-")
+    model = ov.Core().read_model(str(unet.cache_path))
+    ops = Counter(op.get_type_name() for op in model.get_ops())
+    consts = Counter(str(op.get_element_type()) for op in model.get_ops() if op.get_type_name() == "Constant")
+    assert ops["FakeQuantize"] > 0, "no activation was quantized"
+    assert consts["<Type: 'uint8_t'>"] + consts["<Type: 'int8_t'>"] > 0, "no weight was stored in int8"
+    image = pipe(**CALL, generator=0).images
+    reference = latentrt.load(int8_bundle, backend="openvino", precision="fp32")(**CALL, generator=0).images
+    assert np.isfinite(image).all() and psnr(image, reference) >= 30.0
+    # the second load maps the cached IR: no calibration run
+    from latentrt.runtime.engines import openvino_int8
+
+    monkeypatch.setattr(openvino_int8, "calibration_samples", lambda *a, **k: pytest.fail("calibrated again"))
+    stamp = unet.cache_path.stat().st_mtime_ns
+    again = latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration=CAL)
+    assert again.engines["unet"].cache_path == unet.cache_path and unet.cache_path.stat().st_mtime_ns == stamp
+    # other calibration settings are another model
+    other = openvino_int8.calibration_settings(again.bundle, {**CAL, "prompts": 3})
+    assert other != openvino_int8.calibration_settings(again.bundle, CAL)
+
+
+def test_int8_calibration_errors(int8_bundle):
+    with pytest.raises(ValueError, match="int8_calibration: unknown keys"):
+        latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration={"size": 3})
+    with pytest.raises(ValueError, match="prompts must be 1..8"):
+        latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration={"prompts": 0})
