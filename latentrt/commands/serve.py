@@ -15,11 +15,12 @@ logger = logging.getLogger("latentrt.serve")
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve bundles over HTTP (OpenAI Images and A1111 APIs)",
-                       description=__doc__.splitlines()[0])
+                       description="Serve bundles over HTTP: the OpenAI Images and AUTOMATIC1111 APIs, a playground page, "
+                                   "health, readiness and Prometheus metrics.")
     p.add_argument("bundles", nargs="+", metavar="BUNDLE",
                    help="bundle folder; its model name is the folder name (NAME=PATH to choose another)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     add_runtime_args(p)
     p.add_argument("--max-batch", type=int, default=4,
                    help="most images in one pipeline call; compatible requests share it (1 turns batching off)")

@@ -17,8 +17,9 @@ import latentrt
 
 #: a request slow enough to act on while it runs (tiny LCM at 256x256: 0.06-0.2 s a step here)
 SLOW = {"prompt": "a slow one", "size": "256x256", "num_inference_steps": 30}
-#: one that runs far past the strict server's 2 s deadline anywhere (384x384: 0.2-0.7 s a step here)
-SLOWER = {"prompt": "a slower one", "size": "384x384", "num_inference_steps": 50}
+#: one that runs far past the strict server's 2 s deadline anywhere (4 images at 256x256, the tiny bundle's
+#: largest size: 0.2-0.7 s a step here)
+SLOWER = {"prompt": "a slower one", "size": "256x256", "num_inference_steps": 50, "n": 4}
 
 
 def _post(url, path, body, **kw):
@@ -46,7 +47,8 @@ def _running_step(url, headers=None) -> int:
     ({"prompt": "x", "num_inference_steps": "four"}, 400, "must be an integer"),
     ({"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale must be a number"),
     ({"prompt": "x", "size": "big"}, 400, "WIDTHxHEIGHT"),
-    ({"prompt": "x", "size": "72x64"}, 400, "multiple of 16"),
+    ({"prompt": "x", "size": "68x64"}, 400, "multiple of 8"),
+    ({"prompt": "x", "size": "512x512"}, 400, "above the sizes this bundle supports"),
     ({"prompt": "x", "scheduler": "FancyScheduler"}, 400, "unknown scheduler"),
     ({"prompt": "x", "stream": True, "partial_images": 5}, 400, "partial_images"),
     ({"n": 1}, 400, "prompt is required"),
