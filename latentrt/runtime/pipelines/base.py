@@ -47,6 +47,7 @@ class CallState(threading.local):
     def __init__(self):
         self.timer = StageTimer()
         self.vae_choice = "full"  # "full" | "tiny" (TAESD), chosen per call by select_vae
+        self.vae_options = None  # VaeOptions of this call (None: the pipeline's defaults), see vae_options.py
         self.last_timings: dict[str, list[float]] = {}
 
 

@@ -8,8 +8,6 @@ tiling itself is :mod:`latentrt.runtime.vae_tiling`.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -19,14 +17,6 @@ from ..vae_tiling import TileConfig, VaeOptions
 TINY_TILING = ("vae_tiling works with the full VAE (AutoencoderKL), not with vae='tiny' (TAESD, whose tiling "
                "differs); use vae_slicing with it, or vae='full'")
 
-_CALLS = threading.local()  # .options: WeakKeyDictionary pipeline -> this thread's call's VaeOptions
-
-
-def _this_thread() -> weakref.WeakKeyDictionary:
-    table = getattr(_CALLS, "options", None)
-    if table is None:
-        table = _CALLS.options = weakref.WeakKeyDictionary()
-    return table
 
 
 class VaeTiling:
@@ -70,7 +60,7 @@ class VaeTiling:
             raise ValueError(TINY_TILING)
         if opts.tiling and opts.tiles is None:
             opts = replace(opts, tiles=self.tile_config())  # a clear error now for bundles without tile sizes
-        _this_thread()[self] = opts
+        self._call.vae_options = opts  # this thread's call (BasePipeline's CallState)
 
     def tile_above(self, pixels: int, limit: int, tiling: bool | None, slicing: bool | None) -> bool:
         """Turn tiling on for this call when its output has more than ``limit`` pixels, the call did not set
@@ -82,7 +72,7 @@ class VaeTiling:
         return True
 
     def vae_options(self) -> VaeOptions:
-        return _this_thread().get(self, self.vae_defaults)
+        return self._call.vae_options or self.vae_defaults
 
     def run_vae(self, component: str, x: np.ndarray, direction: str, inp: str, out: str) -> np.ndarray:
         """A VAE component (input ``inp``, output ``out``) on ``x``, tiled and/or sliced as this call says;
