@@ -93,6 +93,11 @@ def one_level(url: str, concurrency: int, args, model: str | None, metrics: bool
     next_index = iter(range(n))
     lock = threading.Lock()
     too_many = [0]
+    # every client opens its connection pool first and all start sending together, so that
+    # ``concurrency`` requests really are outstanding at once (creating an httpx client takes a few
+    # ms, enough for a tiny model's request to finish before the next thread's first one arrives)
+    started: list[float] = []
+    barrier = threading.Barrier(concurrency, action=lambda: started.append(time.monotonic()))
 
     def body(i: int) -> dict:
         b = {"prompt": f"load test image {i % half}", "size": args.size,
@@ -101,6 +106,7 @@ def one_level(url: str, concurrency: int, args, model: str | None, metrics: bool
 
     def client():
         with httpx.Client(timeout=args.request_timeout_s) as http:
+            barrier.wait()
             while True:
                 with lock:
                     i = next(next_index, None)
@@ -119,13 +125,12 @@ def one_level(url: str, concurrency: int, args, model: str | None, metrics: bool
                               else None}
 
     images0, calls0 = batch_stats(url if metrics else None)
-    t0 = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - t0
+    wall = time.monotonic() - started[0]
     images1, calls1 = batch_stats(url if metrics else None)
 
     problems, digests = [], []
