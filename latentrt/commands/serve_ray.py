@@ -58,13 +58,15 @@ def run(args, bundles: dict) -> int:
                   max_body_bytes=int(args.max_body_mb * (1 << 20)), warmup=not args.no_warmup)
     ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False,
              **({} if args.ray_address else {"_node_ip_address": "127.0.0.1"}))
+    # ray.init installs a SIGTERM handler that exits at once (code 15); ours, from here on, shuts the
+    # application down gracefully, also when the signal comes while replicas are still deploying
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"latentrt serve --ray: deploying {', '.join(bundles)}; listening on http://{args.host}:{args.port}", flush=True)
     serve.run(app, name="latentrt", route_prefix="/")  # returns once every replica is warmed up
     print("ready", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     serve.delete("latentrt")  # replicas drain (graceful_shutdown_timeout_s), then stop
     serve.shutdown()

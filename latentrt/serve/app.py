@@ -202,7 +202,10 @@ def create_app(server: Server):
 
     # -- operations ---------------------------------------------------------------------------------
     @app.get("/health")
-    async def health():
+    async def health():  # liveness: a worker thread that crashed makes the process worth restarting
+        dead = [name for name, w in server.workers.items() if w.died()]
+        if dead:
+            return JSONResponse({"status": "dead", "dead_workers": dead}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/ready")

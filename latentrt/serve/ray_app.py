@@ -162,7 +162,7 @@ class LatentrtReplica:
         self.server.workers[name] = worker
 
     def _check_workers(self) -> None:
-        dead = [name for name, w in self.server.workers.items() if w._thread.ident is not None and not w._thread.is_alive()]
+        dead = [name for name, w in self.server.workers.items() if w.died()]
         if dead:
             raise RuntimeError(f"the worker thread of {dead} died on replica {self.replica}")
 

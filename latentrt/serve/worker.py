@@ -168,6 +168,11 @@ class Worker:
         self._thread.start()
         return self
 
+    def died(self) -> bool:
+        """True when the worker thread was started and has ended without :meth:`stop` (a crash): a
+        health check replaces such a server (or replica)."""
+        return self._thread.ident is not None and not self._thread.is_alive() and not self._stopped
+
     def warm_up(self) -> None:
         """One short call (engines allocate and optimise on their first run); a failure is logged,
         and the requests that hit the same problem get its error."""

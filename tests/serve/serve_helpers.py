@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -31,10 +32,14 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "latentrt.cli", "serve", *args, "--port", str(self.port), "--threads", "1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        # drained all along: a server that logs more than a pipe holds (Ray does) must never block on it
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.proc.stdout.read()}")
+                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.output}")
             try:
                 if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
                     return
@@ -43,6 +48,13 @@ class ServerProcess:
             time.sleep(0.2)
         self.kill()
         raise RuntimeError("the server did not become ready in time")
+
+    @property
+    def output(self) -> str:
+        """What the server printed so far (stdout and stderr), complete once it has exited."""
+        if self.proc.poll() is not None:
+            self._reader.join(timeout=10)
+        return "".join(self._lines)
 
     def stop(self, timeout_s: float = 60) -> int:
         if self.proc.poll() is None:
