@@ -12,6 +12,13 @@ def register(sub) -> None:
                    help="also export a ControlNet (hub id or diffusers ControlNetModel folder) and the UNet graph "
                         "that takes its residuals; repeatable (a multi-ControlNet bundle, in this order)")
     p.add_argument("--adapter", metavar="AD", help="also export a T2I-Adapter (hub id or diffusers T2IAdapter folder)")
+    p.add_argument("--ip-adapter", metavar="SOURCE",
+                   help="also export an IP-Adapter (image prompts): a weight file (.safetensors / .bin), a folder "
+                        "holding one, or owner/name/[subfolder/]file on the hub, e.g. "
+                        "h94/IP-Adapter/models/ip-adapter_sd15.safetensors; its image encoder comes from the "
+                        "image_encoder folder beside it unless --image-encoder is given")
+    p.add_argument("--image-encoder", metavar="SRC",
+                   help="the IP-Adapter's CLIP image encoder (CLIPVisionModelWithProjection folder or hub id)")
     p.add_argument("--add-to", metavar="BUNDLE",
                    help="add the --controlnet(s) to this existing bundle (no -o; its UNet is not exported again; a "
                         "bundle without ControlNets also needs SRC, to export the UNet graph with residual inputs)")
@@ -104,5 +111,7 @@ def run(args) -> int:
         **({"config": args.config} if getattr(args, "config", None) else {}),
         **({"controlnets": args.controlnet} if getattr(args, "controlnet", None) else {}),
         **({"adapter": args.adapter} if getattr(args, "adapter", None) else {}),
+        **({"ip_adapter": args.ip_adapter} if getattr(args, "ip_adapter", None) else {}),
+        **({"image_encoder": args.image_encoder} if getattr(args, "image_encoder", None) else {}),
     )
     return 0
