@@ -1,0 +1,124 @@
+"""IP-Adapter parity with diffusers (``load_ip_adapter`` from disk, same weights, same noise, fp32 within 1e-4).
+
+LCM text-to-image and image-to-image with a plain IP-Adapter (no CFG: no negative image embedding); the
+LCM UNet with a ControlNet and the IP-Adapter together (``StableDiffusionControlNetPipeline``, and the
+ControlNet image-to-image pipeline, which runs CFG: the plain adapter's negative is zeros); SD with CFG
+and a "plus" IP-Adapter (the negative is the encoder's output for a black image), text-to-image,
+image-to-image and ``ip_adapter_image_embeds``; SDXL text-to-image. Scales 0.6 and 1.0. Each case first
+shows that the image prompt changes diffusers' image (scale s against scale 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import export
+from ip_helpers import assert_changes, assert_close, picture, reference, run, sibling
+
+IP_IMAGE = picture(48, 40, seed=7)
+INIT = picture(64, 64, seed=3)
+CTRL = picture(64, 64, seed=9)
+
+
+@pytest.fixture(scope="module")
+def bundles(ip_parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ip-bundles")
+    return {"lcm": export(ip_parts["lcm"], root / "lcm", ip_adapter=ip_parts["lcm_ip"], controlnets=[ip_parts["cn"]]),
+            "sd": export(ip_parts["sd"], root / "sd", ip_adapter=str(ip_parts["sd_ip"].parent))}
+
+
+@pytest.fixture(scope="module")
+def refs(ip_parts):
+    from diffusers import (LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline,
+                           StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline,
+                           StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
+
+    lcm = reference(LatentConsistencyModelPipeline, ip_parts["lcm"], ip_parts["lcm_ip"])
+    sd = reference(StableDiffusionPipeline, ip_parts["sd"], ip_parts["sd_ip"])
+    return {"lcm": lcm, "lcm-img2img": sibling(LatentConsistencyModelImg2ImgPipeline, lcm),
+            "lcm-cn": sibling(StableDiffusionControlNetPipeline, lcm, controlnet=ip_parts["cn"]),
+            "lcm-cn-img2img": sibling(StableDiffusionControlNetImg2ImgPipeline, lcm, controlnet=ip_parts["cn"]),
+            "sd": sd, "sd-img2img": sibling(StableDiffusionImg2ImgPipeline, sd)}
+
+
+#: name -> (reference, bundle, scale, call arguments (diffusers' names; control_image is ours))
+CASES = {
+    "lcm-txt2img-0.6": ("lcm", "lcm", 0.6, dict(num_inference_steps=2, guidance_scale=8.0)),
+    "lcm-txt2img-1.0-batch": ("lcm", "lcm", 1.0, dict(prompt=["a cat", "a dog"], num_images_per_prompt=2,
+                                                       num_inference_steps=2, guidance_scale=6.0)),
+    "lcm-img2img-0.6": ("lcm-img2img", "lcm", 0.6, dict(image=INIT, num_inference_steps=4, strength=0.6)),
+    "lcm-img2img-1.0": ("lcm-img2img", "lcm", 1.0, dict(image=INIT, num_inference_steps=4, strength=0.8)),
+    "lcm-controlnet-0.6": ("lcm-cn", "lcm", 0.6, dict(control_image=CTRL, num_inference_steps=3, guidance_scale=8.0)),
+    "lcm-controlnet-img2img-cfg-1.0": ("lcm-cn-img2img", "lcm", 1.0,
+                                       dict(image=INIT, control_image=CTRL, num_inference_steps=4, strength=0.75,
+                                            guidance_scale=3.0, negative_prompt="ugly",
+                                            controlnet_conditioning_scale=1.0)),
+    "sd-cfg-plus-0.6": ("sd", "sd", 0.6, dict(num_inference_steps=3, guidance_scale=7.5, negative_prompt="blurry")),
+    "sd-cfg-plus-1.0": ("sd", "sd", 1.0, dict(num_inference_steps=3, guidance_scale=7.5)),
+    "sd-img2img-cfg-plus-0.6": ("sd-img2img", "sd", 0.6, dict(image=INIT, num_inference_steps=4, strength=0.75,
+                                                               guidance_scale=5.0)),
+    "sd-img2img-cfg-plus-1.0": ("sd-img2img", "sd", 1.0, dict(image=INIT, num_inference_steps=3, strength=0.9,
+                                                               guidance_scale=7.5)),
+}
+
+
+def _theirs(kw: dict) -> dict:
+    kw = dict(kw)
+    if "control_image" in kw:
+        if "image" in kw:
+            kw["control_image"] = kw.pop("control_image")
+        else:
+            kw["image"] = kw.pop("control_image")
+    return kw
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity(case, bundles, refs):
+    ref_name, bundle, scale, kw = CASES[case]
+    ref = refs[ref_name]
+    ref.set_ip_adapter_scale(0.0)
+    without = run(ref, 0, True, ip_adapter_image=IP_IMAGE, **_theirs(kw))
+    ref.set_ip_adapter_scale(scale)
+    want = run(ref, 0, True, ip_adapter_image=IP_IMAGE, **_theirs(kw))
+    assert_changes(want, without)
+    got = run(bundles[bundle], 0, False, ip_adapter_image=IP_IMAGE, ip_adapter_scale=scale, **kw)
+    assert_close(got, want)
+
+
+def test_image_embeds_and_plain_calls(bundles, refs):
+    """``ip_adapter_image_embeds`` (diffusers' own, negatives first with CFG) gives diffusers' image; a call
+    without an image prompt on the same bundle is diffusers' plain image (the plain UNet graph)."""
+    ref = refs["sd"]
+    ref.set_ip_adapter_scale(0.8)
+    embeds = ref.prepare_ip_adapter_image_embeds(IP_IMAGE, None, "cpu", 1, True)
+    kw = dict(num_inference_steps=3, guidance_scale=7.5)
+    want = run(ref, 1, True, ip_adapter_image_embeds=embeds, **kw)
+    got = run(bundles["sd"], 1, False, ip_adapter_image_embeds=[embeds[0].detach().numpy()], ip_adapter_scale=0.8, **kw)
+    assert_close(got, want)
+    ref.set_ip_adapter_scale(0.0)  # diffusers at scale 0 skips the IP attention: the plain UNet
+    plain = run(ref, 1, True, ip_adapter_image_embeds=embeds, **kw)
+    assert_changes(want, plain)
+    assert_close(run(bundles["sd"], 1, False, **kw), plain)
+    assert_close(run(bundles["sd"], 1, False, ip_adapter_image_embeds=[embeds[0].detach().numpy()], ip_adapter_scale=0, **kw),
+                 plain)
+
+
+def test_sdxl_txt2img(tmp_path):
+    """SDXL base (CFG) with a plain IP-Adapter on its 64-wide cross-attention."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from latentrt.export.tiny import tiny_sdxl_pipeline
+    from latentrt.export.tiny_ip_adapter import save_tiny_ip_adapter
+
+    pipe = tiny_sdxl_pipeline(0)
+    weight = save_tiny_ip_adapter(tmp_path / "w", pipe.unet, seed=51)
+    ours = export(pipe, tmp_path / "b", ip_adapter=weight)
+    ref = reference(StableDiffusionXLPipeline, pipe, weight)
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, height=64, width=64)
+    ref.set_ip_adapter_scale(0.0)
+    without = run(ref, 2, True, ip_adapter_image=IP_IMAGE, **kw)
+    ref.set_ip_adapter_scale(0.6)
+    want = run(ref, 2, True, ip_adapter_image=IP_IMAGE, **kw)
+    assert_changes(want, without)
+    assert_close(run(ours, 2, False, ip_adapter_image=IP_IMAGE, ip_adapter_scale=0.6, **kw), want)
