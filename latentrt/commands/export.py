@@ -84,9 +84,9 @@ def run(args) -> int:
     from ..profiles import export_precision
 
     if getattr(args, "add_to", None):
-        if args.output or args.adapter or not args.controlnet:
-            raise SystemExit("latentrt export [SRC] --add-to BUNDLE takes --controlnet CN (repeatable) and no -o or "
-                             "--adapter (SRC: the pipeline the bundle came from, needed for its first ControlNet)")
+        if args.output or args.adapter or not args.controlnet or getattr(args, "ip_adapter", None):
+            raise SystemExit("latentrt export [SRC] --add-to BUNDLE takes --controlnet CN (repeatable) and no -o, "
+                             "--adapter or --ip-adapter (SRC: the pipeline the bundle came from, needed for its first ControlNet)")
         from ..export.control_bundle import add_conditioning
 
         add_conditioning(args.add_to, args.controlnet, src=args.src, check=getattr(args, "check", None) or "quick")

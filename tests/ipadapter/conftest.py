@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ip_parts(tmp_path_factory):
     """Tiny LCM and SD pipelines, a ControlNet for the LCM UNet, and IP-Adapter weight files (with
     their image_encoder folders) in diffusers' on-disk format: plain for LCM, plus for SD."""
@@ -26,3 +26,12 @@ def export(pipe, out, **kw):
 
     export_bundle(None, out, pipe=pipe, check="off", progress=lambda *_: None, **kw)
     return latentrt.load(out)
+
+
+@pytest.fixture(scope="session")
+def ip_bundles(ip_parts, tmp_path_factory):
+    """fp32 bundles: the LCM with a ControlNet and the plain IP-Adapter (its weight file), the SD with the
+    plus IP-Adapter (its folder)."""
+    root = tmp_path_factory.mktemp("ip-bundles")
+    return {"lcm": export(ip_parts["lcm"], root / "lcm", ip_adapter=ip_parts["lcm_ip"], controlnets=[ip_parts["cn"]]),
+            "sd": export(ip_parts["sd"], root / "sd", ip_adapter=str(ip_parts["sd_ip"].parent))}

@@ -22,10 +22,8 @@ CTRL = picture(64, 64, seed=9)
 
 
 @pytest.fixture(scope="module")
-def bundles(ip_parts, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ip-bundles")
-    return {"lcm": export(ip_parts["lcm"], root / "lcm", ip_adapter=ip_parts["lcm_ip"], controlnets=[ip_parts["cn"]]),
-            "sd": export(ip_parts["sd"], root / "sd", ip_adapter=str(ip_parts["sd_ip"].parent))}
+def bundles(ip_bundles):
+    return ip_bundles
 
 
 @pytest.fixture(scope="module")
