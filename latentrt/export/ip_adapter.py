@@ -213,6 +213,13 @@ def _with_ip_inputs(spec: ComponentSpec, tokens: int, cross: int, name: str) -> 
     return ComponentSpec(name, spec.inputs + ip, spec.outputs)
 
 
+def _describe(src) -> str:
+    """A local file or folder's absolute path, a hub id, or the class of an in-memory model."""
+    if isinstance(src, (str, os.PathLike)):
+        return str(Path(src).resolve()) if Path(src).exists() else str(src)
+    return type(src).__name__
+
+
 def _image_processor(fe) -> dict:
     d = fe.to_dict()
     keys = ("size", "crop_size", "do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize",
@@ -262,6 +269,14 @@ def ip_adapter_plans(pipe, constants: dict, plans, source, *, image_encoder=None
         out_plans.append(ComponentPlan(spec, module, {**p.value_ranges, "ip_adapter_scale": (0, 1)}))
         twins[p.spec.name] = name
     extra = {"unet": IP_UNET, "twins": twins, "image_encoder": IMAGE_ENCODER, "projection": PROJECTION,
-             "image_embeds": emb_name, "num_tokens": n_tokens, "source": str(source),
+             "image_embeds": emb_name, "num_tokens": n_tokens, "source": _describe(source),
+             "image_encoder_source": None if image_encoder is None else _describe(image_encoder),
              "projection_type": type(layer).__name__, "image_processor": _image_processor(shim.feature_extractor)}
     return out_plans, extra
+
+
+def manifest_ip_adapter_plans(pipe, constants: dict, plans, info: dict) -> list[ComponentPlan]:
+    """The IP-Adapter plans of a bundle's ``extra["ip_adapter"]``, from the sources it records (for the
+    torch backend, which runs each component's own torch module)."""
+    return ip_adapter_plans(pipe, constants, plans, info["source"], image_encoder=info.get("image_encoder_source"),
+                            progress=lambda *_: None)[0]
