@@ -42,8 +42,9 @@ def _cross_attention_sizes(unet) -> list[int]:
 
 
 def tiny_ip_adapter_state_dict(unet, image_encoder, *, plus: bool = False, seed: int = 31, scale: float = 0.5,
-                               num_tokens: int = 4) -> dict:
-    """The flat state dict of the original IP-Adapter format (``image_proj.*`` and ``ip_adapter.*``)."""
+                               num_tokens: int = 4, plus_width: int = 64) -> dict:
+    """The flat state dict of the original IP-Adapter format (``image_proj.*`` and ``ip_adapter.*``);
+    ``plus_width``: the Resampler's width (a multiple of its 64-wide heads; 768 in ip-adapter-plus_sd15)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -58,7 +59,7 @@ def tiny_ip_adapter_state_dict(unet, image_encoder, *, plus: bool = False, seed:
         sd.update({"image_proj.proj.weight": rnd(cross * 4, d), "image_proj.proj.bias": rnd(cross * 4),
                    "image_proj.norm.weight": 1 + rnd(cross, s=0.1), "image_proj.norm.bias": rnd(cross, s=0.1)})
     else:  # the Resampler: 4 perceiver blocks, 64-wide heads (diffusers reads heads from to_q / 64)
-        emb, hid, mult = int(image_encoder.config.hidden_size), 64, 4
+        emb, hid, mult = int(image_encoder.config.hidden_size), int(plus_width), 4
         sd.update({"image_proj.latents": rnd(1, num_tokens, hid), "image_proj.proj_in.weight": rnd(hid, emb, s=0.2),
                    "image_proj.proj_in.bias": rnd(hid, s=0.1), "image_proj.proj_out.weight": rnd(cross, hid, s=0.2),
                    "image_proj.proj_out.bias": rnd(cross, s=0.1), "image_proj.norm_out.weight": 1 + rnd(cross, s=0.1),
