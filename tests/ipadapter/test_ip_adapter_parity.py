@@ -102,21 +102,42 @@ def test_image_embeds_and_plain_calls(bundles, refs):
                  plain)
 
 
-def test_sdxl_txt2img(tmp_path):
-    """SDXL base (CFG) with a plain IP-Adapter on its 64-wide cross-attention."""
-    from diffusers import StableDiffusionXLPipeline
+@pytest.mark.parametrize("case", ["txt2img-0.6", "img2img-1.0", "t2i-adapter-1.0"])
+def test_sdxl(case, sdxl):
+    """SDXL base (CFG) with a plain IP-Adapter on its 64-wide cross-attention: text-to-image, image-to-image
+    (``StableDiffusionXLImg2ImgPipeline``) and with a T2I-Adapter (``StableDiffusionXLAdapterPipeline``: the
+    adapter's residual UNet graph runs as its IP twin)."""
+    ours, refs = sdxl
+    kind, scale = case.rsplit("-", 1)
+    scale = float(scale)
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, height=64, width=64)
+    theirs, mine = kw, kw
+    if kind == "img2img":
+        kw = dict(kw, image=INIT, strength=0.7)
+        theirs = mine = {k: v for k, v in kw.items() if k not in ("height", "width")}
+    elif kind == "t2i-adapter":
+        theirs, mine = {**kw, "image": CTRL}, {**kw, "control_image": CTRL}
+    ref = refs[kind]
+    ref.set_ip_adapter_scale(0.0)
+    without = run(ref, 2, True, ip_adapter_image=IP_IMAGE, **theirs)
+    ref.set_ip_adapter_scale(scale)
+    want = run(ref, 2, True, ip_adapter_image=IP_IMAGE, **theirs)
+    assert_changes(want, without)
+    assert_close(run(ours, 2, False, ip_adapter_image=IP_IMAGE, ip_adapter_scale=scale, **mine), want)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    from diffusers import StableDiffusionXLAdapterPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from latentrt.export.tiny import tiny_sdxl_pipeline
+    from latentrt.export.tiny_control import tiny_adapter
     from latentrt.export.tiny_ip_adapter import save_tiny_ip_adapter
 
-    pipe = tiny_sdxl_pipeline(0)
-    weight = save_tiny_ip_adapter(tmp_path / "w", pipe.unet, seed=51)
-    ours = export(pipe, tmp_path / "b", ip_adapter=weight)
+    root = tmp_path_factory.mktemp("ip-sdxl")
+    pipe, adapter = tiny_sdxl_pipeline(0), tiny_adapter(22, sdxl=True)
+    weight = save_tiny_ip_adapter(root / "w", pipe.unet, seed=51)
+    ours = export(pipe, root / "b", ip_adapter=weight, adapter=adapter)
     ref = reference(StableDiffusionXLPipeline, pipe, weight)
-    kw = dict(num_inference_steps=3, guidance_scale=5.0, height=64, width=64)
-    ref.set_ip_adapter_scale(0.0)
-    without = run(ref, 2, True, ip_adapter_image=IP_IMAGE, **kw)
-    ref.set_ip_adapter_scale(0.6)
-    want = run(ref, 2, True, ip_adapter_image=IP_IMAGE, **kw)
-    assert_changes(want, without)
-    assert_close(run(ours, 2, False, ip_adapter_image=IP_IMAGE, ip_adapter_scale=0.6, **kw), want)
+    return ours, {"txt2img": ref, "img2img": sibling(StableDiffusionXLImg2ImgPipeline, ref),
+                  "t2i-adapter": sibling(StableDiffusionXLAdapterPipeline, ref, adapter=adapter)}
