@@ -280,3 +280,14 @@ def manifest_ip_adapter_plans(pipe, constants: dict, plans, info: dict) -> list[
     torch backend, which runs each component's own torch module)."""
     return ip_adapter_plans(pipe, constants, plans, info["source"], image_encoder=info.get("image_encoder_source"),
                             progress=lambda *_: None)[0]
+
+
+def residual_twin_plan(src, manifest, residual: ComponentPlan, info: dict) -> ComponentPlan:
+    """The IP twin of ``residual`` (a residual UNet graph being added to an IP-Adapter bundle by
+    ``--add-to``), with the IP-Adapter the bundle records loaded into ``src``'s UNet."""
+    from .bundle import load_pipeline
+
+    pipe = src if hasattr(src, "unet") else load_pipeline(src)[0]
+    twins = ip_adapter_plans(pipe, dict(manifest.constants), [residual], info["source"],
+                             image_encoder=info.get("image_encoder_source"), progress=lambda *_: None)[0]
+    return next(p for p in twins if p.spec.name == residual.spec.name + IP_SUFFIX)

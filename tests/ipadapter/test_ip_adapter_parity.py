@@ -141,3 +141,28 @@ def sdxl(tmp_path_factory):
     ref = reference(StableDiffusionXLPipeline, pipe, weight)
     return ours, {"txt2img": ref, "img2img": sibling(StableDiffusionXLImg2ImgPipeline, ref),
                   "t2i-adapter": sibling(StableDiffusionXLAdapterPipeline, ref, adapter=adapter)}
+
+
+def test_controlnet_added_to_an_ip_adapter_bundle(ip_bundles, ip_parts, refs, tmp_path):
+    """``latentrt export SRC --add-to BUNDLE --controlnet CN`` on an IP-Adapter bundle also exports the IP
+    twin of the residual UNet graph: ControlNet + plus IP-Adapter + CFG equal diffusers'."""
+    import shutil
+
+    import latentrt
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from latentrt.export.control_bundle import add_conditioning
+    from latentrt.export.tiny_control import tiny_controlnet
+
+    cn = tiny_controlnet(ip_parts["sd"].unet, 13)
+    path = shutil.copytree(ip_bundles["sd"].bundle.path, tmp_path / "sd-ip")
+    add_conditioning(path, [cn], src=ip_parts["sd"], check="off", progress=lambda *_: None)
+    ref = sibling(StableDiffusionControlNetPipeline, refs["sd"], controlnet=cn)
+    kw = dict(num_inference_steps=3, guidance_scale=7.5, controlnet_conditioning_scale=1.0)
+    ref.set_ip_adapter_scale(0.0)
+    without = run(ref, 4, True, ip_adapter_image=IP_IMAGE, image=CTRL, **kw)
+    ref.set_ip_adapter_scale(0.6)
+    want = run(ref, 4, True, ip_adapter_image=IP_IMAGE, image=CTRL, **kw)
+    assert_changes(want, without)
+    got = run(latentrt.load(path), 4, False, ip_adapter_image=IP_IMAGE, ip_adapter_scale=0.6, control_image=CTRL, **kw)
+    assert_close(got, want)
