@@ -107,3 +107,27 @@ def test_cli_passes_ip_adapter_options(monkeypatch, tmp_path):
     assert seen["ip_adapter"] == "w.safetensors" and seen["image_encoder"] == "enc"
     with pytest.raises(SystemExit, match="--ip-adapter"):
         main(["export", "SRC", "--add-to", str(tmp_path), "--controlnet", "cn", "--ip-adapter", "w.safetensors"])
+
+
+def test_generate_cli_ip_image(ip_bundles, tmp_path):
+    """``latentrt generate BUNDLE PROMPT --ip-image FILE --ip-scale S`` is the pipeline call with that image
+    prompt (and records it in the PNG's settings)."""
+    import json
+
+    from PIL import Image
+
+    from latentrt.cli import main
+
+    IP_IMAGE.save(tmp_path / "ip.png")
+    bundle = ip_bundles["lcm"].bundle.path
+    assert main(["generate", str(bundle), "a cat", "--steps", "2", "--seed", "5", "--ip-image", str(tmp_path / "ip.png"),
+                 "--ip-scale", "0.6", "--no-progress", "-o", str(tmp_path / "out")]) == 0
+    png = Image.open(tmp_path / "out" / "image-5-0.png")
+    assert json.loads(png.text["latentrt"])["ip_adapter_scale"] == 0.6
+    want = ip_bundles["lcm"]("a cat", num_inference_steps=2, generator=5, ip_adapter_image=Image.open(tmp_path / "ip.png"),
+                             ip_adapter_scale=0.6).images[0]
+    assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(want))
+    plain = ip_bundles["lcm"]("a cat", num_inference_steps=2, generator=5).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(want))
+    with pytest.raises(SystemExit, match="--ip-scale needs --ip-image"):
+        main(["generate", str(bundle), "a cat", "--ip-scale", "0.6", "-o", str(tmp_path / "out2")])
