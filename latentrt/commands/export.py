@@ -13,7 +13,8 @@ def register(sub) -> None:
                         "that takes its residuals; repeatable (a multi-ControlNet bundle, in this order)")
     p.add_argument("--adapter", metavar="AD", help="also export a T2I-Adapter (hub id or diffusers T2IAdapter folder)")
     p.add_argument("--ip-adapter", metavar="SOURCE",
-                   help="also export an IP-Adapter (image prompts): a weight file (.safetensors / .bin), a folder "
+                   help="also export an IP-Adapter (image prompts): a weight file (.safetensors; .bin with "
+                        "--allow-pickle), a folder "
                         "holding one, or owner/name/[subfolder/]file on the hub, e.g. "
                         "h94/IP-Adapter/models/ip-adapter_sd15.safetensors; its image encoder comes from the "
                         "image_encoder folder beside it unless --image-encoder is given")

@@ -88,12 +88,17 @@ def _load_image_encoder(src):
     return CLIPVisionModelWithProjection.from_pretrained(str(src), dtype=torch.float32).eval()
 
 
-def load_ip_adapter(pipe, source, image_encoder=None):
+def load_ip_adapter(pipe, source, image_encoder=None, *, allow_pickle: bool = False):
     """A pipeline of ``pipe``'s class sharing its modules except the UNet (a copy), with the IP-Adapter
-    loaded by diffusers' ``load_ip_adapter`` (its image encoder and feature extractor included)."""
+    loaded by diffusers' ``load_ip_adapter`` (its image encoder and feature extractor included). A ``.bin``
+    weight file is a pickle: refused unless ``allow_pickle`` (diffusers then reads it with
+    ``torch.load(weights_only=True)``)."""
     if not hasattr(pipe, "load_ip_adapter"):
         raise UnsupportedModelError(f"{type(pipe).__name__} takes no IP-Adapter in diffusers")
     root, subfolder, weight = resolve_source(source)
+    if weight.endswith(".bin") and not allow_pickle:
+        raise IPAdapterSourceError(f"--ip-adapter {source}: .bin files are Python pickles, which can run code when "
+                                   "loaded; pass --allow-pickle for a file you trust, or use the .safetensors file")
     parts = dict(pipe.components)
     parts["unet"] = copy.deepcopy(pipe.unet)
     if image_encoder is not None:
@@ -227,7 +232,7 @@ def _image_processor(fe) -> dict:
     return {k: d[k] for k in keys if k in d}
 
 
-def ip_adapter_plans(pipe, constants: dict, plans, source, *, image_encoder=None,
+def ip_adapter_plans(pipe, constants: dict, plans, source, *, image_encoder=None, allow_pickle: bool = False,
                      progress: Callable[[str], None] = print) -> tuple[list[ComponentPlan], dict]:
     """Plans for the image encoder, the projection and an IP twin of every UNet graph in ``plans``
     (``unet``, and the residual UNets of ControlNets / T2I-Adapters); the manifest's ``extra["ip_adapter"]``."""
@@ -235,7 +240,7 @@ def ip_adapter_plans(pipe, constants: dict, plans, source, *, image_encoder=None
     from .unclip_recipe import _crop_size
 
     progress(f"loading IP-Adapter {source}")
-    shim = load_ip_adapter(pipe, source, image_encoder)
+    shim = load_ip_adapter(pipe, source, image_encoder, allow_pickle=allow_pickle)
     layers = shim.unet.encoder_hid_proj.image_projection_layers
     if len(layers) != 1:
         raise UnsupportedModelError("one IP-Adapter per bundle is supported")
@@ -279,7 +284,7 @@ def manifest_ip_adapter_plans(pipe, constants: dict, plans, info: dict) -> list[
     """The IP-Adapter plans of a bundle's ``extra["ip_adapter"]``, from the sources it records (for the
     torch backend, which runs each component's own torch module)."""
     return ip_adapter_plans(pipe, constants, plans, info["source"], image_encoder=info.get("image_encoder_source"),
-                            progress=lambda *_: None)[0]
+                            allow_pickle=True, progress=lambda *_: None)[0]
 
 
 def residual_twin_plan(src, manifest, residual: ComponentPlan, info: dict) -> ComponentPlan:
@@ -288,6 +293,7 @@ def residual_twin_plan(src, manifest, residual: ComponentPlan, info: dict) -> Co
     from .bundle import load_pipeline
 
     pipe = src if hasattr(src, "unet") else load_pipeline(src)[0]
-    twins = ip_adapter_plans(pipe, dict(manifest.constants), [residual], info["source"],
-                             image_encoder=info.get("image_encoder_source"), progress=lambda *_: None)[0]
+    twins = ip_adapter_plans(pipe, dict(manifest.constants), [residual], info["source"],  # accepted at export
+                             image_encoder=info.get("image_encoder_source"), allow_pickle=True,
+                             progress=lambda *_: None)[0]
     return next(p for p in twins if p.spec.name == residual.spec.name + IP_SUFFIX)

@@ -80,7 +80,8 @@ def test_export_source_errors(ip_parts, tmp_path):
     weight = ip_parts["lcm_ip"]
     (lonely / "ip.safetensors").write_bytes(weight.read_bytes())
     cases = [(tmp_path / "nope.safetensors", "no such file"), (two, "holds 2 weight files"),
-             ("h94/IP-Adapter", "names the weight file"), (lonely, "no image_encoder folder.*--image-encoder")]
+             ("h94/IP-Adapter", "names the weight file"), (lonely, "no image_encoder folder.*--image-encoder"),
+             (two / "b.bin", "pickles.*--allow-pickle")]
     for src, msg in cases:
         with pytest.raises(IPAdapterSourceError, match=msg):
             export_bundle(None, tmp_path / "out", pipe=ip_parts["lcm"], ip_adapter=src, check="off",
