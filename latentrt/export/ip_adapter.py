@@ -82,10 +82,15 @@ def _load_image_encoder(src):
 
     if isinstance(src, torch.nn.Module):
         return src.eval()
-    if str(src).startswith((".", "/")) and not Path(src).is_dir():
-        raise IPAdapterSourceError(f"--image-encoder {src}: no such folder (a CLIPVisionModelWithProjection folder "
-                                   "or hub id, e.g. h94/IP-Adapter with subfolder models/image_encoder)")
-    return CLIPVisionModelWithProjection.from_pretrained(str(src), dtype=torch.float32).eval()
+    text = str(src)
+    if Path(text).is_dir():
+        return CLIPVisionModelWithProjection.from_pretrained(text, dtype=torch.float32).eval()
+    if text.startswith((".", "/", "~")):
+        raise IPAdapterSourceError(f"--image-encoder {src}: no such folder (a CLIPVisionModelWithProjection folder, "
+                                   "or a hub id with its subfolder, e.g. h94/IP-Adapter/models/image_encoder)")
+    parts = text.strip("/").split("/")  # owner/name[/subfolder...]
+    return CLIPVisionModelWithProjection.from_pretrained("/".join(parts[:2]), subfolder="/".join(parts[2:]),
+                                                         dtype=torch.float32).eval()
 
 
 def load_ip_adapter(pipe, source, image_encoder=None, *, allow_pickle: bool = False):

@@ -86,6 +86,11 @@ def test_export_source_errors(ip_parts, tmp_path):
         with pytest.raises(IPAdapterSourceError, match=msg):
             export_bundle(None, tmp_path / "out", pipe=ip_parts["lcm"], ip_adapter=src, check="off",
                           progress=lambda *_: None)
+    from latentrt.export.ip_adapter import load_ip_adapter
+
+    shim = load_ip_adapter(ip_parts["lcm"], lonely, image_encoder=str(weight.parent / "image_encoder"))
+    assert shim.image_encoder is not None and shim.unet is not ip_parts["lcm"].unet
+    assert shim.unet.encoder_hid_proj is not None and ip_parts["lcm"].unet.encoder_hid_proj is None
     assert resolve_source("h94/IP-Adapter/models/ip-adapter_sd15.safetensors") == (
         "h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors")
     assert resolve_source(weight) == (str(weight.parent), "", weight.name)
