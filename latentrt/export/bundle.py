@@ -295,7 +295,7 @@ def export_bundle(
         from .ip_adapter import ip_adapter_plans
 
         ip_plans, ip_extra = ip_adapter_plans(pipe, constants, plans, ip_adapter, image_encoder=image_encoder,
-                                              allow_pickle=allow_pickle, progress=progress)
+                                              allow_pickle=allow_pickle, kind=recipe.kind, progress=progress)
         plans = [*plans, *ip_plans]
     elif image_encoder is not None:
         raise ValueError("image_encoder (--image-encoder) is for an IP-Adapter; pass ip_adapter (--ip-adapter) too")

@@ -237,10 +237,18 @@ def _image_processor(fe) -> dict:
     return {k: d[k] for k in keys if k in d}
 
 
+#: the bundle kinds whose runtime pipelines take image prompts
+KINDS = ("lcm", "sd", "sdxl")
+
+
 def ip_adapter_plans(pipe, constants: dict, plans, source, *, image_encoder=None, allow_pickle: bool = False,
+                     kind: str | None = None,
                      progress: Callable[[str], None] = print) -> tuple[list[ComponentPlan], dict]:
     """Plans for the image encoder, the projection and an IP twin of every UNet graph in ``plans``
     (``unet``, and the residual UNets of ControlNets / T2I-Adapters); the manifest's ``extra["ip_adapter"]``."""
+    if kind is not None and kind not in KINDS:
+        raise UnsupportedModelError(f"--ip-adapter: a {kind!r} bundle takes no image prompts; IP-Adapters are for "
+                                    f"{', '.join(KINDS)} pipelines")
     from .control import _ResidualInputs
     from .unclip_recipe import _crop_size
 

@@ -86,7 +86,11 @@ def test_export_source_errors(ip_parts, tmp_path):
         with pytest.raises(IPAdapterSourceError, match=msg):
             export_bundle(None, tmp_path / "out", pipe=ip_parts["lcm"], ip_adapter=src, check="off",
                           progress=lambda *_: None)
-    from latentrt.export.ip_adapter import load_ip_adapter
+    from latentrt.export.ip_adapter import ip_adapter_plans, load_ip_adapter
+    from latentrt.export.recipes import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="'unclip' bundle takes no image prompts"):
+        ip_adapter_plans(ip_parts["lcm"], {}, [], weight, kind="unclip")
 
     shim = load_ip_adapter(ip_parts["lcm"], lonely, image_encoder=str(weight.parent / "image_encoder"))
     assert shim.image_encoder is not None and shim.unet is not ip_parts["lcm"].unet
