@@ -116,7 +116,13 @@ def load_ip_adapter(pipe, source, image_encoder=None, *, allow_pickle: bool = Fa
                 f"--ip-adapter {source}: no image_encoder folder next to the weight file ({enc_dir}); pass the CLIP "
                 "image encoder with --image-encoder (a CLIPVisionModelWithProjection folder or hub id)")
     shim = type(pipe)(**parts)
-    shim.load_ip_adapter(root, subfolder=subfolder, weight_name=weight, image_encoder_folder="image_encoder")
+    try:
+        shim.load_ip_adapter(root, subfolder=subfolder, weight_name=weight, image_encoder_folder="image_encoder")
+    except (KeyError, RuntimeError, ValueError) as e:  # weights for other layers / sizes than this UNet's
+        if not isinstance(e, KeyError) and "expected shape" not in str(e) and "size mismatch" not in str(e):
+            raise
+        raise UnsupportedModelError(f"IP-Adapter {source} does not fit this pipeline's UNet (an SD1.5 IP-Adapter on "
+                                    f"SDXL, or the reverse?): {type(e).__name__}: {str(e)[:300]}") from None
     if shim.image_encoder is None:
         raise IPAdapterSourceError(f"--ip-adapter {source}: no image encoder was loaded; pass --image-encoder")
     return shim
@@ -262,12 +268,12 @@ def ip_adapter_plans(pipe, constants: dict, plans, source, *, image_encoder=None
     enc = shim.image_encoder.eval()
     h, w = _crop_size(shim.feature_extractor)
     with torch.inference_mode():
-        out = ImageEncoderWrapper(enc, hidden)(torch.zeros(1, 3, h, w))
+        out = ImageEncoderWrapper(enc, hidden)(torch.zeros(1, 3, h, w, dtype=next(enc.parameters()).dtype))
         tokens = layer(out)
     n_tokens, cross = int(tokens.shape[1]), int(tokens.shape[2])
     if cross != int(constants["cross_attention_dim"]):
-        raise UnsupportedModelError(f"IP-Adapter {source} gives {cross}-wide tokens but the UNet's "
-                                    f"cross_attention_dim is {constants['cross_attention_dim']} (an SD1.5 adapter on SDXL?)")
+        raise UnsupportedModelError(f"IP-Adapter {source} gives {cross}-wide tokens but the UNet's cross_attention_dim "
+                                    f"is {constants['cross_attention_dim']} (an SD1.5 IP-Adapter on SDXL, or the reverse?)")
     emb_name = "penultimate_hidden_states" if hidden else "image_embeds"
     emb = TensorSpec(emb_name, "float32", ("B", *out.shape[1:]))
     enc_spec = ComponentSpec(IMAGE_ENCODER, (TensorSpec("pixel_values", "float32", ("B", 3, h, w)),), (emb,))

@@ -91,6 +91,10 @@ def test_export_source_errors(ip_parts, tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="'unclip' bundle takes no image prompts"):
         ip_adapter_plans(ip_parts["lcm"], {}, [], weight, kind="unclip")
+    from latentrt.export.tiny import tiny_sdxl_pipeline
+
+    with pytest.raises(UnsupportedModelError, match="does not fit this pipeline's UNet"):  # SD-sized on SDXL
+        load_ip_adapter(tiny_sdxl_pipeline(0), weight)
 
     shim = load_ip_adapter(ip_parts["lcm"], lonely, image_encoder=str(weight.parent / "image_encoder"))
     assert shim.image_encoder is not None and shim.unet is not ip_parts["lcm"].unet
