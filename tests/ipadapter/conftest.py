@@ -20,18 +20,12 @@ def ip_parts(tmp_path_factory):
             "sd_ip": save_tiny_ip_adapter(root / "sd", sd.unet, plus=True, seed=41)}
 
 
-def export(pipe, out, **kw):
-    import latentrt
-    from latentrt.export.bundle import export_bundle
-
-    export_bundle(None, out, pipe=pipe, check="off", progress=lambda *_: None, **kw)
-    return latentrt.load(out)
-
-
 @pytest.fixture(scope="session")
 def ip_bundles(ip_parts, tmp_path_factory):
     """fp32 bundles: the LCM with a ControlNet and the plain IP-Adapter (its weight file), the SD with the
     plus IP-Adapter (its folder)."""
+    from ip_helpers import export
+
     root = tmp_path_factory.mktemp("ip-bundles")
     return {"lcm": export(ip_parts["lcm"], root / "lcm", ip_adapter=ip_parts["lcm_ip"], controlnets=[ip_parts["cn"]]),
             "sd": export(ip_parts["sd"], root / "sd", ip_adapter=str(ip_parts["sd_ip"].parent))}

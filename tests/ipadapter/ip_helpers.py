@@ -9,6 +9,15 @@ import numpy as np
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
+def export(pipe, out, **kw):
+    """Export an in-memory pipeline (graphs unchecked: the parity tests compare whole images) and load it."""
+    import latentrt
+    from latentrt.export.bundle import export_bundle
+
+    export_bundle(None, out, pipe=pipe, check="off", progress=lambda *_: None, **kw)
+    return latentrt.load(out)
+
+
 def picture(h: int = 64, w: int = 64, seed: int = 5):
     """A smooth random picture (blobs and a bar): the image prompt or an init image."""
     from PIL import Image

@@ -13,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import export
-from ip_helpers import assert_changes, assert_close, picture, reference, run, sibling
+from ip_helpers import assert_changes, assert_close, export, picture, reference, run, sibling
 
 IP_IMAGE = picture(48, 40, seed=7)
 INIT = picture(64, 64, seed=3)
