@@ -12,6 +12,14 @@ def register(sub) -> None:
                    help="also export a ControlNet (hub id or diffusers ControlNetModel folder) and the UNet graph "
                         "that takes its residuals; repeatable (a multi-ControlNet bundle, in this order)")
     p.add_argument("--adapter", metavar="AD", help="also export a T2I-Adapter (hub id or diffusers T2IAdapter folder)")
+    p.add_argument("--ip-adapter", metavar="SOURCE",
+                   help="also export an IP-Adapter (image prompts): a weight file (.safetensors; .bin with "
+                        "--allow-pickle), a folder "
+                        "holding one, or owner/name/[subfolder/]file on the hub, e.g. "
+                        "h94/IP-Adapter/models/ip-adapter_sd15.safetensors; its image encoder comes from the "
+                        "image_encoder folder beside it unless --image-encoder is given")
+    p.add_argument("--image-encoder", metavar="SRC",
+                   help="the IP-Adapter's CLIP image encoder (CLIPVisionModelWithProjection folder or hub id)")
     p.add_argument("--add-to", metavar="BUNDLE",
                    help="add the --controlnet(s) to this existing bundle (no -o; its UNet is not exported again; a "
                         "bundle without ControlNets also needs SRC, to export the UNet graph with residual inputs)")
@@ -77,9 +85,9 @@ def run(args) -> int:
     from ..profiles import export_precision
 
     if getattr(args, "add_to", None):
-        if args.output or args.adapter or not args.controlnet:
-            raise SystemExit("latentrt export [SRC] --add-to BUNDLE takes --controlnet CN (repeatable) and no -o or "
-                             "--adapter (SRC: the pipeline the bundle came from, needed for its first ControlNet)")
+        if args.output or args.adapter or not args.controlnet or getattr(args, "ip_adapter", None):
+            raise SystemExit("latentrt export [SRC] --add-to BUNDLE takes --controlnet CN (repeatable) and no -o, "
+                             "--adapter or --ip-adapter (SRC: the pipeline the bundle came from, needed for its first ControlNet)")
         from ..export.control_bundle import add_conditioning
 
         add_conditioning(args.add_to, args.controlnet, src=args.src, check=getattr(args, "check", None) or "quick")
@@ -104,5 +112,7 @@ def run(args) -> int:
         **({"config": args.config} if getattr(args, "config", None) else {}),
         **({"controlnets": args.controlnet} if getattr(args, "controlnet", None) else {}),
         **({"adapter": args.adapter} if getattr(args, "adapter", None) else {}),
+        **({"ip_adapter": args.ip_adapter} if getattr(args, "ip_adapter", None) else {}),
+        **({"image_encoder": args.image_encoder} if getattr(args, "image_encoder", None) else {}),
     )
     return 0

@@ -71,6 +71,9 @@ def register(sub) -> None:
     p.add_argument("--upscale-guidance", type=float, default=9.0,
                    help="the upscaler's guidance_scale (default 9; 0 ignores the prompt)")
     add_control_args(p)
+    from .ip_adapter_args import add_ip_adapter_args
+
+    add_ip_adapter_args(p)  # --ip-image / --ip-scale (IP-Adapter bundles)
     add_runtime_args(p)
     p.set_defaults(func=run)
 
@@ -201,6 +204,9 @@ def run(args) -> int:
         if "strength" in inspect.signature(pipe.__call__).parameters:  # unCLIP variations have no strength
             kw["strength"] = args.strength
     control = control_kwargs(args, pipe)
+    from .ip_adapter_args import ip_adapter_kwargs, ip_adapter_settings
+
+    ip = ip_adapter_kwargs(args)
     n = args.steps or _default_arg(pipe, "num_inference_steps")
     try:
         if hasattr(pipe, "plan"):  # the pipeline knows how it cuts the schedule (SD image-to-image)
@@ -212,21 +218,23 @@ def run(args) -> int:
     cb, close = progress_callback(steps, not args.no_progress)
     t0 = time.perf_counter()
     try:
-        if getattr(args, "upscale", None) and control:
-            raise SystemExit("--upscale does not take --control-image yet; generate first, then `latentrt upscale`")
+        if getattr(args, "upscale", None) and (control or ip):
+            raise SystemExit("--upscale does not take --control-image or --ip-image yet; generate first, then "
+                             "`latentrt upscale`")
         if getattr(args, "upscale", None):  # generator -> latents -> upscaler (latentrt.commands.upscale)
             from .upscale import upscale_chain
 
             out = upscale_chain(pipe, args, kw, cb)
         else:
-            out = pipe(args.prompt, output_type="pil", callback=cb, **kw, **control)
+            out = pipe(args.prompt, output_type="pil", callback=cb, **kw, **control, **ip)
     finally:
         close()
     total = time.perf_counter() - t0
     settings = {"prompt": args.prompt, "bundle": str(args.bundle), **{k: v for k, v in kw.items() if k != "image"},
                 "seed": args.seed, "image": args.image, "backend": args.backend, "device": args.device,
                 **({k: v for k, v in control.items() if k != "control_image"} if control else {}),
-                **({"control_image": args.control_image, "canny": args.canny} if control else {})}
+                **({"control_image": args.control_image, "canny": args.canny} if control else {}),
+                **ip_adapter_settings(args)}
     for path in save_images(out.images, Path(args.output), settings):
         print(f"wrote {path}")
     print_timings(out.timings, total)

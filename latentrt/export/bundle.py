@@ -179,6 +179,8 @@ def export_bundle(
     max_batch: int | None = None,
     controlnets=None,
     adapter=None,
+    ip_adapter=None,
+    image_encoder=None,
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
@@ -215,6 +217,10 @@ def export_bundle(
     ``T2IAdapter`` likewise) add conditioning components and the UNet graph that takes their residuals
     (see :mod:`latentrt.export.control`); :func:`latentrt.export.control_bundle.add_conditioning` adds
     them to an existing bundle.
+    ``ip_adapter`` (a weight file, a folder with one, or ``owner/name/[subfolder/]file`` on the hub, as
+    diffusers' ``load_ip_adapter`` takes it) adds the image encoder (``image_encoder``: a
+    CLIPVisionModelWithProjection folder or hub id, default the one beside the weights), the image
+    projection and UNet graphs with image-prompt inputs (see :mod:`latentrt.export.ip_adapter`).
     """
     overrides = parse_component_precisions(precision, component_precision)
     check = {True: "full", False: "quick"}.get(check, check) if isinstance(check, bool) else check
@@ -284,6 +290,15 @@ def export_bundle(
             pipe, constants, plans, controlnets=list(controlnets or ()), adapter=adapter, progress=progress,
             dtype=load_dtypes(precision, overrides)["default"] if low_memory else torch.float32)
         plans = [*plans, *control_plans]
+    ip_extra = None
+    if ip_adapter is not None:  # IP-Adapter image prompts (latentrt.export.ip_adapter)
+        from .ip_adapter import ip_adapter_plans
+
+        ip_plans, ip_extra = ip_adapter_plans(pipe, constants, plans, ip_adapter, image_encoder=image_encoder,
+                                              allow_pickle=allow_pickle, kind=recipe.kind, progress=progress)
+        plans = [*plans, *ip_plans]
+    elif image_encoder is not None:
+        raise ValueError("image_encoder (--image-encoder) is for an IP-Adapter; pass ip_adapter (--ip-adapter) too")
 
     if isinstance(profile, str):
         from ..profiles import load_profile
@@ -322,6 +337,8 @@ def export_bundle(
             manifest.extra["vae"] = vae_source
         if control_extra:
             manifest.extra["control"] = control_extra
+        if ip_extra:
+            manifest.extra["ip_adapter"] = ip_extra
         manifest.write(root)
     progress(f"wrote {out} ({manifest.extra['export_seconds']:.1f}s)")
     return manifest

@@ -40,6 +40,11 @@ def add_conditioning(bundle, controlnets, *, src=None, check: str = "quick", pro
                              "with residual inputs); pass the pipeline it was exported from as SRC (`latentrt export "
                              "SRC --add-to BUNDLE --controlnet CN`) to export that graph once")
         plans.append((_residual_unet_from(src, manifest, progress), None))
+        ip = manifest.extra.get("ip_adapter")
+        if ip:  # an IP-Adapter bundle: the residual graph's IP twin too (latentrt.export.ip_adapter)
+            from .ip_adapter import residual_twin_plan
+
+            plans.append((residual_twin_plan(src, manifest, plans[0][0], ip), None))
     unet_entry = manifest.components["unet"]
     unet_spec = ComponentSpec("unet", *[tuple(s.with_dtype("float32") if s.dtype == "float16" else s for s in specs)
                                         for specs in (unet_entry.spec.inputs, unet_entry.spec.outputs)])
@@ -77,6 +82,8 @@ def add_conditioning(bundle, controlnets, *, src=None, check: str = "quick", pro
             (staging / name).rename(target)
             manifest.components[name] = entry
         control["controlnets"] = nets + [info for _, info in plans if info is not None]
+        if manifest.extra.get("ip_adapter") and CONTROLNET_UNET + "_ip_adapter" in entries:
+            manifest.extra["ip_adapter"]["twins"][CONTROLNET_UNET] = CONTROLNET_UNET + "_ip_adapter"
         control["controlnet_unet"] = CONTROLNET_UNET
         manifest.extra["control"] = control
         manifest.write(root)

@@ -143,11 +143,13 @@ class SDXLUNetWrapper(torch.nn.Module):
 
     def forward(self, *args):
         kw = dict(zip(self.input_names, args))
-        added = {"text_embeds": kw["text_embeds"], "time_ids": kw["time_ids"]}
+        extra = dict(self.conditioning_kwargs(kw))
+        # conditioning may add to added_cond_kwargs (the IP-Adapter's image_embeds: export/ip_adapter.py)
+        added = {"text_embeds": kw["text_embeds"], "time_ids": kw["time_ids"], **extra.pop("added_cond_kwargs", {})}
         with explicit_upsample_sizes(self.unet):
             return self.unet(kw["sample"], kw["timestep"], kw["encoder_hidden_states"],
                              timestep_cond=kw.get("timestep_cond"), added_cond_kwargs=added, return_dict=False,
-                             **self.conditioning_kwargs(kw))[0]
+                             **extra)[0]
 
     conditioning_kwargs = UNetWrapper.conditioning_kwargs
 

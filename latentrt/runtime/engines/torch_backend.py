@@ -78,6 +78,11 @@ def component_module(bundle, name: str, source: str | None = None):
             from ...export.control import manifest_control_plans
 
             plans = plans + manifest_control_plans(pipe, dict(bundle.manifest.constants), plans, control)
+        ip = bundle.manifest.extra.get("ip_adapter") or {}
+        if ip and name not in {p.spec.name for p in plans}:  # image encoder, projection, IP UNet graphs
+            from ...export.ip_adapter import manifest_ip_adapter_plans
+
+            plans = plans + manifest_ip_adapter_plans(pipe, dict(bundle.manifest.constants), plans, ip)
     for plan in plans:
         if plan.spec.name == name:
             return plan.module

@@ -16,6 +16,7 @@ from ..random import as_noise_source
 from .base import BasePipeline, PipelineOutput
 from .conditioning import check_image_to_image, control_request, image_to_image_size
 from .guidance import denoise, do_classifier_free_guidance, encode_prompt, sd_plan
+from .ip_adapter import ip_adapter_request, ip_denoise_args
 from .prompts import PromptEncoder
 
 logger = logging.getLogger("latentrt")
@@ -87,6 +88,7 @@ class LCMPipeline(PromptEncoder, BasePipeline):
         self.select_vae(vae, vae_tiling, vae_slicing)  # "full" or "tiny" (TAESD, when the bundle has it)
         self.check_output_type(output_type)
         img2img = image is not None
+        ip = ip_adapter_request(self, control)  # ip_adapter_image / _embeds / _scale (.ip_adapter)
         req = control_request(self, control)
         if img2img:
             check_image_to_image(req, self)
@@ -134,6 +136,6 @@ class LCMPipeline(PromptEncoder, BasePipeline):
             unet_inputs["timestep_cond"] = guidance_scale_embedding(
                 self.per_image_w(guidance_scale, bs), int(self.constants["time_cond_proj_dim"]))
         _, denoised = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale if cfg else 1.0,
-                              unet_inputs=unet_inputs, return_denoised=True, conditioning=conditioning,
+                              return_denoised=True, **ip_denoise_args(ip, self, bs, cfg, unet_inputs, conditioning),
                               callback_on_step_end=callback_on_step_end, callback=callback)
         return self.end_call(self.finish(denoised, output_type))

@@ -18,6 +18,7 @@ from ..random import as_noise_source
 from .base import BasePipeline, PipelineOutput
 from .conditioning import check_image_to_image, control_request, image_to_image_size
 from .guidance import check_strength, denoise, do_classifier_free_guidance, encode_prompt, sd_plan
+from .ip_adapter import ip_adapter_request, ip_denoise_args
 from .prompts import PromptEncoder
 
 
@@ -75,6 +76,7 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
         if not 0.0 <= float(guidance_rescale) <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1]; got {guidance_rescale!r}")
         img2img = image is not None
+        ip = ip_adapter_request(self, control)  # ip_adapter_image / _embeds / _scale (.ip_adapter)
         req = control_request(self, control)
         if img2img:
             check_image_to_image(req, self)
@@ -108,5 +110,5 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
 
         latents = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale,
                           guidance_rescale=guidance_rescale, eta=eta, callback_on_step_end=callback_on_step_end,
-                          callback=callback, conditioning=conditioning)
+                          callback=callback, **ip_denoise_args(ip, self, bs, cfg, None, conditioning))
         return self.end_call(self.finish(latents, output_type))

@@ -43,6 +43,7 @@ from ..random import as_noise_source
 from .base import BasePipeline, PipelineOutput
 from .conditioning import check_image_to_image, control_request
 from .guidance import denoise, negative_prompt_list, sd_plan
+from .ip_adapter import ip_adapter_request, ip_denoise_args
 from .lcm import guidance_scale_embedding
 
 logger = logging.getLogger("latentrt")
@@ -212,6 +213,7 @@ class SDXLPipeline(BasePipeline):
         self.select_vae(vae, vae_tiling, vae_slicing)
         self.check_output_type(output_type)
         img2img = image is not None
+        ip = ip_adapter_request(self, control)  # ip_adapter_image / _embeds / _scale (.ip_adapter)
         req = control_request(self, control)
         if img2img:
             check_image_to_image(req, self, supported=False)
@@ -305,6 +307,7 @@ class SDXLPipeline(BasePipeline):
                 np.full(bs, guidance_scale - 1.0, dtype=np.float32), int(self.time_cond_proj_dim))
         conditioning = req.prepare(self, height, width, batch, n, do_cfg) if req else None
         latents = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale if do_cfg else 1.0,
-                          guidance_rescale=guidance_rescale, unet_inputs=unet_inputs, conditioning=conditioning,
+                          guidance_rescale=guidance_rescale,
+                          **ip_denoise_args(ip, self, bs, do_cfg, unet_inputs, conditioning),
                           callback_on_step_end=callback_on_step_end, callback=callback)
         return self.end_call(self.finish(latents, output_type))
