@@ -90,7 +90,6 @@ def _off(kw: dict) -> dict:
 def test_controlnet_parity(name, bundles, refs):
     ref_name, bundle_name, kw = CASES[name]
     img2img = ref_name.endswith("img2img")
-    kw = {**kw, "controlnet_conditioning_scale": kw.get("controlnet_conditioning_scale", 1.0)}
     want = run(refs[ref_name], 0, True, **kw)
     assert_changes(want, run(refs[ref_name], 0, True, **_off(kw)))
     got = run(bundles[bundle_name], 0, False, **_ours(kw, img2img))

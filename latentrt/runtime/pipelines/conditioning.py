@@ -3,7 +3,8 @@
 The bundle's graphs compute residuals at scale 1 (``controlnet_*``), or features unscaled
 (``adapter``); everything a request varies is arithmetic here, exactly as diffusers does it:
 
-* ``controlnet_conditioning_scale`` (one float, or one per ControlNet) multiplies each ControlNet's
+* ``controlnet_conditioning_scale`` (one float, or one per ControlNet; default 1.0, and 0.8 in image-to-image as
+  in diffusers' ControlNet image-to-image pipelines) multiplies each ControlNet's
   residuals; in ``guess_mode`` (or for a ControlNet with ``global_pool_conditions``) the i-th of the
   n down residuals is scaled by ``logspace(-1, 0, n + 1)[i]`` times that, the mid one by the scale;
 * ``control_guidance_start`` / ``control_guidance_end`` keep a ControlNet at step i of N unless
@@ -199,7 +200,7 @@ class ControlRequest:
         return Conditioning(self, images, {}, cfg)
 
 
-def control_request(pipe, control: dict) -> ControlRequest | None:
+def control_request(pipe, control: dict, *, image_to_image: bool = False) -> ControlRequest | None:
     """Check a call's conditioning keyword arguments (:data:`CONTROL_ARGS`) against the bundle;
     ``None`` when the call has no control image."""
     unknown = sorted(set(control) - set(CONTROL_ARGS))
@@ -247,7 +248,9 @@ def control_request(pipe, control: dict) -> ControlRequest | None:
                                     f"{got} control image(s) were given; pass a list of {n}, one per ControlNet in "
                                     "this order")
         images = [_image_list(i) for i in image]
-    scales = _per_net("controlnet_conditioning_scale", control.get("controlnet_conditioning_scale"), n, 1.0)
+    # diffusers' default scale: 1.0 for text-to-image, 0.8 in its ControlNet image-to-image pipelines
+    scales = _per_net("controlnet_conditioning_scale", control.get("controlnet_conditioning_scale"), n,
+                      0.8 if image_to_image else 1.0)
     starts = _per_net("control_guidance_start", control.get("control_guidance_start"), n, 0.0)
     ends = _per_net("control_guidance_end", control.get("control_guidance_end"), n, 1.0)
     for s, e in zip(starts, ends):

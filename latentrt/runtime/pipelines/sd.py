@@ -77,7 +77,7 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
             raise ValueError(f"guidance_rescale must be in [0, 1]; got {guidance_rescale!r}")
         img2img = image is not None
         ip = ip_adapter_request(self, control)  # ip_adapter_image / _embeds / _scale (.ip_adapter)
-        req = control_request(self, control)
+        req = control_request(self, control, image_to_image=image is not None)
         if img2img:
             check_image_to_image(req, self)
             check_strength(strength)

@@ -214,7 +214,7 @@ class SDXLPipeline(BasePipeline):
         self.check_output_type(output_type)
         img2img = image is not None
         ip = ip_adapter_request(self, control)  # ip_adapter_image / _embeds / _scale (.ip_adapter)
-        req = control_request(self, control)
+        req = control_request(self, control, image_to_image=image is not None)
         if img2img:
             check_image_to_image(req, self, supported=False)
         if num_inference_steps is None:
