@@ -179,6 +179,7 @@ def export_bundle(
     max_batch: int | None = None,
     controlnets=None,
     adapter=None,
+    safety_checker: bool | None = None,
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
@@ -215,6 +216,8 @@ def export_bundle(
     ``T2IAdapter`` likewise) add conditioning components and the UNet graph that takes their residuals
     (see :mod:`latentrt.export.control`); :func:`latentrt.export.control_bundle.add_conditioning` adds
     them to an existing bundle.
+    ``safety_checker``: export diffusers' safety checker (True: required; False: never; None, the default:
+    when the source carries one, as diffusers loads it; see :mod:`latentrt.export.safety`).
     """
     overrides = parse_component_precisions(precision, component_precision)
     check = {True: "full", False: "quick"}.get(check, check) if isinstance(check, bool) else check
@@ -284,6 +287,12 @@ def export_bundle(
             pipe, constants, plans, controlnets=list(controlnets or ()), adapter=adapter, progress=progress,
             dtype=load_dtypes(precision, overrides)["default"] if low_memory else torch.float32)
         plans = [*plans, *control_plans]
+    from .safety import prepare_safety_checker  # issue 20: the safety checker (export/safety.py)
+
+    safety = prepare_safety_checker(pipe, None if pipe_given else src, recipe.kind, safety_checker, revision=revision,
+                                    progress=progress)  # a given pipeline: its own checker decides
+    if safety is not None:
+        plans = [*plans, safety.plan]
 
     if isinstance(profile, str):
         from ..profiles import load_profile
@@ -322,6 +331,8 @@ def export_bundle(
             manifest.extra["vae"] = vae_source
         if control_extra:
             manifest.extra["control"] = control_extra
+        if safety is not None:
+            manifest.extra["safety_checker"] = safety.write(root)
         manifest.write(root)
     progress(f"wrote {out} ({manifest.extra['export_seconds']:.1f}s)")
     return manifest

@@ -204,6 +204,7 @@ class SDXLPipeline(BasePipeline):
         vae: str = "full",
         vae_tiling: bool | None = None,
         vae_slicing: bool | None = None,
+        safety_checker: bool | None = None,  # None: the bundle's checker if it has one (runtime/safety.py)
         **control,
     ) -> PipelineOutput:
         """``control``: ``control_image`` and the other arguments of ``StableDiffusionXLControlNetPipeline``
@@ -307,4 +308,4 @@ class SDXLPipeline(BasePipeline):
         latents = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale if do_cfg else 1.0,
                           guidance_rescale=guidance_rescale, unet_inputs=unet_inputs, conditioning=conditioning,
                           callback_on_step_end=callback_on_step_end, callback=callback)
-        return self.end_call(self.finish(latents, output_type))
+        return self.end_call(self.finish(latents, output_type, safety_checker))
