@@ -164,7 +164,7 @@ class SafetyChecker:
 
 def check_request(pipe, safety_checker: Any) -> None:
     """A call's ``safety_checker``: None (the bundle's checker when it has one), True (required) or
-    False (off); checked before any engine runs."""
+    False (off); checked before any engine runs, as is the bundle's checker data when it will run."""
     if safety_checker is not None and not isinstance(safety_checker, (bool, np.bool_)):
         raise SafetyCheckerError(f"safety_checker must be True, False or None (the bundle's checker if it has one); "
                                  f"got {safety_checker!r}")
@@ -172,10 +172,11 @@ def check_request(pipe, safety_checker: Any) -> None:
         hint = ("diffusers' SDXL pipelines have no safety checker, so SDXL bundles carry none; pass "
                 "safety_checker=None / False" if pipe.bundle.manifest.pipeline == "sdxl" else NO_CHECKER_HINT)
         raise SafetyCheckerError(f"safety_checker=True, but {pipe.bundle.path} has no safety checker; {hint}")
+    if safety_checker is not False and pipe.bundle.has(COMPONENT):
+        checker_for(pipe)  # reads and checks the concept data and settings once
 
 
 def is_on(pipe, safety_checker: Any) -> bool:
-    check_request(pipe, safety_checker)
     return pipe.bundle.has(COMPONENT) if safety_checker is None else bool(safety_checker)
 
 

@@ -74,8 +74,8 @@ class BasePipeline(VaeTiling):
             def checked(self, *args, **kwargs):
                 arguments = dict(list(signature.bind(self, *args, **kwargs).arguments.items())[1:])
                 check_arguments(arguments, per_image_guidance=getattr(self, "per_image_guidance", False))
-                if "safety_checker" in arguments:  # before any engine runs (runtime/safety.py)
-                    safety.check_request(self, arguments["safety_checker"])
+                if "safety_checker" in signature.parameters:  # before any engine runs (runtime/safety.py)
+                    safety.check_request(self, arguments.get("safety_checker"))
                 return call(self, *args, **kwargs)
 
             cls.__call__ = checked
