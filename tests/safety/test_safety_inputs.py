@@ -145,3 +145,15 @@ def test_cli_flags():
     assert parser.parse_args(["serve", "b", "--safety-checker", "off"]).safety_checker == "off"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "b", "--safety-checker", "maybe"])
+
+
+def test_sdxl_says_it_has_none():
+    """diffusers' SDXL pipelines have no safety checker: an SDXL bundle carries none and says so."""
+    from latentrt.runtime.safety import check_request
+
+    pipe = types.SimpleNamespace(bundle=types.SimpleNamespace(
+        has=lambda c: False, path="sdxl-bundle", manifest=types.SimpleNamespace(pipeline="sdxl")))
+    with pytest.raises(SafetyCheckerError, match="SDXL pipelines have no safety checker"):
+        check_request(pipe, True)
+    check_request(pipe, None)
+    check_request(pipe, False)
