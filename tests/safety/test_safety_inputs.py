@@ -157,3 +157,22 @@ def test_sdxl_says_it_has_none():
         check_request(pipe, True)
     check_request(pipe, None)
     check_request(pipe, False)
+
+
+def test_generate_cli_marks_flagged_images(safe_cases, tmp_path, capsys):
+    from latentrt.cli import main
+
+    bundle = str(safe_cases("lcm").bundle)
+    _rewrite_all_flagged = _npz(**{**_good(), "concept_embeds_weights": np.full(17, -2.0, np.float32)})
+    flagged = tmp_path / "flagged"
+    shutil.copytree(bundle, flagged, ignore=shutil.ignore_patterns(".cache"))
+    _rewrite(flagged, _rewrite_all_flagged)  # every similarity beats a threshold of -2: every image flagged
+    assert main(["generate", str(flagged), "a cat", "--steps", "1", "--no-progress", "-o", str(tmp_path / "a")]) == 0
+    assert "the safety checker flagged it" in capsys.readouterr().out
+    assert main(["generate", str(flagged), "a cat", "--steps", "1", "--no-progress", "--no-safety-checker", "-o",
+                 str(tmp_path / "b")]) == 0
+    assert "flagged" not in capsys.readouterr().out
+    from PIL import Image
+
+    (a,), (b,) = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
+    assert not np.asarray(Image.open(a)).any() and np.asarray(Image.open(b)).std() > 1
