@@ -19,6 +19,17 @@ CALL = dict(prompt=["a red cat", "a blue dog on a hill"], num_inference_steps=2,
 SEED = 0
 
 
+def photo():
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(7).integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
+
+
+def call_of(kind: str) -> dict:
+    """The call every test of ``kind`` makes (``lcm-img2img``: image-to-image from :func:`photo`)."""
+    return {**CALL, "image": photo(), "strength": 0.7} if kind.endswith("img2img") else dict(CALL)
+
+
 @dataclass
 class Case:
     kind: str
@@ -35,10 +46,14 @@ def _build(kind: str, root: Path) -> Case:
     from latentrt.export.bundle import export_bundle
     from latentrt.export.tiny import tiny_lcm_pipeline, tiny_sd_pipeline
 
-    cls = {"lcm": LatentConsistencyModelPipeline, "sd": StableDiffusionPipeline}[kind]
-    base = {"lcm": tiny_lcm_pipeline, "sd": tiny_sd_pipeline}[kind](0)
+    from diffusers import LatentConsistencyModelImg2ImgPipeline
+
+    cls = {"lcm": LatentConsistencyModelPipeline, "sd": StableDiffusionPipeline,
+           "lcm-img2img": LatentConsistencyModelImg2ImgPipeline}[kind]
+    base = cls(**{"lcm": tiny_lcm_pipeline, "sd": tiny_sd_pipeline}[kind.split("-")[0]](0).components)
     base.set_progress_bar_config(disable=True)
-    plain = base(**CALL, generator=torch.Generator().manual_seed(SEED)).images
+    call = call_of(kind)
+    plain = base(**call, generator=torch.Generator().manual_seed(SEED)).images
     checker, fe = tiny_checker()
     e = torch_embeds(checker, fe, plain)
     set_concepts(checker, aimed_concepts(e[0], e[1]))
@@ -47,7 +62,7 @@ def _build(kind: str, root: Path) -> Case:
     ref_pipe = cls.from_pretrained(str(root / "model"), dtype=torch.float32)  # the reference loads from disk
     ref_pipe.set_progress_bar_config(disable=True)
     assert type(ref_pipe.safety_checker).__name__ == "StableDiffusionSafetyChecker"
-    ref = ref_pipe(**CALL, generator=torch.Generator().manual_seed(SEED))
+    ref = ref_pipe(**call, generator=torch.Generator().manual_seed(SEED))
     export_bundle(root / "model", root / "bundle", check="off", progress=lambda *_: None)  # default: auto
     return Case(kind, root / "model", root / "bundle", plain, ref)
 

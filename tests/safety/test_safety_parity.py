@@ -11,10 +11,10 @@ import pytest
 import latentrt
 from latentrt.runtime.random import TorchGeneratorNoise
 
-from conftest import CALL, SEED
+from conftest import CALL, SEED, call_of
 
 TOL = 1e-4
-KINDS = ["lcm", "sd"]
+KINDS = ["lcm", "sd", "lcm-img2img"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_the_checker_changes_diffusers_output(kind, safe_cases):
 @pytest.mark.parametrize("kind", KINDS)
 def test_nsfw_and_images_match_diffusers(kind, safe_cases, loaded):
     case = safe_cases(kind)
-    out = loaded(case)(**CALL, generator=TorchGeneratorNoise(SEED))
+    out = loaded(case)(**call_of(kind), generator=TorchGeneratorNoise(SEED))
     assert out.nsfw_content_detected == case.ref.nsfw_content_detected == [True, False]
     assert out.images.shape == case.ref.images.shape
     err = float(np.abs(out.images - case.ref.images).max())
@@ -63,11 +63,11 @@ def test_pil_output_blacks_out_the_flagged_image(safe_cases, loaded):
 def test_off_per_call(kind, safe_cases, loaded):
     """safety_checker=False: no check (None, as diffusers without a checker), both images as drawn."""
     case = safe_cases(kind)
-    out = loaded(case)(**CALL, generator=TorchGeneratorNoise(SEED), safety_checker=False)
+    out = loaded(case)(**call_of(kind), generator=TorchGeneratorNoise(SEED), safety_checker=False)
     assert out.nsfw_content_detected is None
     err = float(np.abs(out.images - case.plain).max())
     assert err <= TOL and float(out.images[0].std()) > 1e-2
-    on = loaded(case)(**CALL, generator=TorchGeneratorNoise(SEED), safety_checker=True)  # and on again
+    on = loaded(case)(**call_of(kind), generator=TorchGeneratorNoise(SEED), safety_checker=True)  # and on again
     assert on.nsfw_content_detected == [True, False]
 
 
