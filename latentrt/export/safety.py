@@ -171,5 +171,6 @@ def prepare_safety_checker(pipe, src, kind: str, want: bool | None, *, revision:
                                     f"checker's CLIP vision model takes {size}x{size} images")
     spec = C.image_encoder_spec(image_size=(size, size), embedding_dim=int(checker.config.projection_dim),
                                 name=COMPONENT)
-    return SafetyExport(checker, fe, ComponentPlan(spec, SafetyCheckerWrapper(checker).eval(), {"pixel_values": (-2, 2)}))
+    plan = ComponentPlan(spec, SafetyCheckerWrapper(checker).eval(), {"pixel_values": (-2, 2)})
+    return SafetyExport(checker, fe, plan)
 

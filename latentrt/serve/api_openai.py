@@ -169,7 +169,8 @@ def images_response(call: ImagesCall, result) -> dict:
     """The ``ImagesResponse`` JSON (plus a ``latentrt`` object with the seed and the batch size)."""
     return {
         "created": int(time.time()),
-        "data": [{"b64_json": encode(im, call.output_format), **_nsfw(result, i)} for i, im in enumerate(result.images)],
+        "data": [{"b64_json": encode(im, call.output_format), **_nsfw(result, i)}
+                 for i, im in enumerate(result.images)],
         "output_format": call.output_format,
         "size": _size_of(result.images[0]),
         "latentrt": {"seed": result.seed, "batch_images": result.batch_images},

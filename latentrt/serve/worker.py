@@ -182,6 +182,8 @@ class Worker:
         """One short call (engines allocate and optimise on their first run); a failure is logged,
         and the requests that hit the same problem get its error."""
         kwargs = {"num_inference_steps": 1} if "num_inference_steps" in self.accepts else {}
+        if self.safety_checker is not None and "safety_checker" in self.accepts:
+            kwargs["safety_checker"] = self.safety_checker
         if self.kind == "latent_upscale":  # takes an image: SD latents of a small one
             f = self.pipe.vae_scale_factor
             kwargs["image"] = np.zeros((1, int(self.pipe.constants["latent_channels"]), 64 // f, 64 // f), np.float32)
