@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export a diffusers pipeline (hub id or local folder) to a bundle")
@@ -67,6 +69,10 @@ def register(sub) -> None:
                         "tokenizer describe it; a local folder needs no hub access")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickled files (.pt, .bin, .ckpt), which can run code: only for files you trust")
+    p.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
+                   help="export diffusers' safety checker (its CLIP vision model, concept data and feature extractor) "
+                        "so generated images report nsfw_content_detected and flagged ones are blacked out; default: "
+                        "exported when SRC carries one (as diffusers loads it), --no-safety-checker leaves it out")
     p.set_defaults(func=run)
 
 
@@ -114,5 +120,6 @@ def run(args) -> int:
         **({"adapter": args.adapter} if getattr(args, "adapter", None) else {}),
         **({"ip_adapter": args.ip_adapter} if getattr(args, "ip_adapter", None) else {}),
         **({"image_encoder": args.image_encoder} if getattr(args, "image_encoder", None) else {}),
+        safety_checker=getattr(args, "safety_checker", None),
     )
     return 0

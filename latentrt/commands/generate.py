@@ -63,6 +63,9 @@ def register(sub) -> None:
     p.add_argument("--scheduler", help="diffusers scheduler class name to use instead of the bundle's")
     p.add_argument("--clip-skip", type=int, help="use the text encoder's hidden state this many layers from the end")
     p.add_argument("-o", "--output", default="latentrt-out", help="output folder (default latentrt-out)")
+    p.add_argument("--no-safety-checker", action="store_true",
+                   help="do not run the bundle's safety checker (by default it runs when the bundle has one and "
+                        "flagged images are saved black)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tiny-vae", action="store_true", help="decode (and encode) with the bundle's TAESD instead of the full VAE")
     p.add_argument("--upscale", metavar="UPSCALER_BUNDLE",
@@ -207,6 +210,8 @@ def run(args) -> int:
     from .ip_adapter_args import ip_adapter_kwargs, ip_adapter_settings
 
     ip = ip_adapter_kwargs(args)
+    if getattr(args, "no_safety_checker", False) and "safety_checker" in inspect.signature(pipe.__call__).parameters:
+        kw["safety_checker"] = False
     n = args.steps or _default_arg(pipe, "num_inference_steps")
     try:
         if hasattr(pipe, "plan"):  # the pipeline knows how it cuts the schedule (SD image-to-image)
@@ -235,7 +240,9 @@ def run(args) -> int:
                 **({k: v for k, v in control.items() if k != "control_image"} if control else {}),
                 **({"control_image": args.control_image, "canny": args.canny} if control else {}),
                 **ip_adapter_settings(args)}
-    for path in save_images(out.images, Path(args.output), settings):
-        print(f"wrote {path}")
+    flags = getattr(out, "nsfw_content_detected", None) or []
+    for i, path in enumerate(save_images(out.images, Path(args.output), settings)):
+        print(f"wrote {path}" + (" (black: the safety checker flagged it; --no-safety-checker turns it off)"
+                                 if i < len(flags) and flags[i] else ""))
     print_timings(out.timings, total)
     return 0

@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--drain-s", type=float, default=60.0,
                    help="on SIGTERM, how long in-flight work may finish while new work gets 503 (default 60)")
     p.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up call before /ready")
+    p.add_argument("--safety-checker", choices=["on", "off"], default=None,
+                   help="run the bundles' safety checkers (on: every bundle must carry one; off: none); default: each "
+                        "bundle's when it has one. Flagged images come back black and marked nsfw_content_detected")
     add_ray_args(p)
     p.set_defaults(func=run)
 
@@ -71,7 +74,8 @@ def run(args) -> int:
                          engine_options=engine_options(args), max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s or None,
                          api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                         warmup=not args.no_warmup)
+                         warmup=not args.no_warmup,
+                         safety_checker={"on": True, "off": False}.get(getattr(args, "safety_checker", None)))
 
     class Graceful(uvicorn.Server):
         """SIGTERM / Ctrl-C: drain first (new work 503, in-flight work finishes), then stop."""

@@ -181,6 +181,7 @@ def export_bundle(
     adapter=None,
     ip_adapter=None,
     image_encoder=None,
+    safety_checker: bool | None = None,
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
@@ -221,6 +222,8 @@ def export_bundle(
     diffusers' ``load_ip_adapter`` takes it) adds the image encoder (``image_encoder``: a
     CLIPVisionModelWithProjection folder or hub id, default the one beside the weights), the image
     projection and UNet graphs with image-prompt inputs (see :mod:`latentrt.export.ip_adapter`).
+    ``safety_checker``: export diffusers' safety checker (True: required; False: never; None, the default:
+    when the source carries one, as diffusers loads it; see :mod:`latentrt.export.safety`).
     """
     overrides = parse_component_precisions(precision, component_precision)
     check = {True: "full", False: "quick"}.get(check, check) if isinstance(check, bool) else check
@@ -299,6 +302,12 @@ def export_bundle(
         plans = [*plans, *ip_plans]
     elif image_encoder is not None:
         raise ValueError("image_encoder (--image-encoder) is for an IP-Adapter; pass ip_adapter (--ip-adapter) too")
+    from .safety import prepare_safety_checker  # issue 20: the safety checker (export/safety.py)
+
+    safety = prepare_safety_checker(pipe, None if pipe_given else src, recipe.kind, safety_checker, revision=revision,
+                                    progress=progress)  # a given pipeline: its own checker decides
+    if safety is not None:
+        plans = [*plans, safety.plan]
 
     if isinstance(profile, str):
         from ..profiles import load_profile
@@ -339,6 +348,8 @@ def export_bundle(
             manifest.extra["control"] = control_extra
         if ip_extra:
             manifest.extra["ip_adapter"] = ip_extra
+        if safety is not None:
+            manifest.extra["safety_checker"] = safety.write(root)
         manifest.write(root)
     progress(f"wrote {out} ({manifest.extra['export_seconds']:.1f}s)")
     return manifest

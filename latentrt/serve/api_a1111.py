@@ -141,6 +141,8 @@ def response(body: Mapping, job: Job, result, model: str) -> dict:
             "all_seeds": [result.seed] * len(result.images), "width": im.width, "height": im.height,
             "sampler_name": body.get("sampler_name"), "sd_model_name": model, "batch_size": len(result.images),
             **{k: v for k, v in job.params.items() if k != "scheduler"}}
+    if getattr(result, "nsfw_content_detected", None) is not None:  # the safety checker ran (serve --safety-checker)
+        info["nsfw_content_detected"] = [bool(x) for x in result.nsfw_content_detected]
     return {"images": [encode(x) for x in result.images], "parameters": dict(body), "info": json.dumps(info)}
 
 

@@ -154,6 +154,13 @@ def encode(image, output_format: str = "png") -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _nsfw(result, i: int) -> dict:
+    """latentrt's extra per-image field: ``nsfw_content_detected`` (true: the safety checker flagged it and
+    the image is black), present only when the model's safety checker ran."""
+    flags = getattr(result, "nsfw_content_detected", None)
+    return {} if flags is None else {"nsfw_content_detected": bool(flags[i])}
+
+
 def _size_of(image) -> str:
     return f"{image.width}x{image.height}"
 
@@ -162,7 +169,8 @@ def images_response(call: ImagesCall, result) -> dict:
     """The ``ImagesResponse`` JSON (plus a ``latentrt`` object with the seed and the batch size)."""
     return {
         "created": int(time.time()),
-        "data": [{"b64_json": encode(im, call.output_format)} for im in result.images],
+        "data": [{"b64_json": encode(im, call.output_format), **_nsfw(result, i)}
+                 for i, im in enumerate(result.images)],
         "output_format": call.output_format,
         "size": _size_of(result.images[0]),
         "latentrt": {"seed": result.seed, "batch_images": result.batch_images},
@@ -194,7 +202,7 @@ USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_to
 
 def completed_events(call: ImagesCall, result) -> list[dict]:
     return [_event(call, "completed", encode(im, call.output_format), _size_of(im), usage=USAGE,
-                   latentrt={"seed": result.seed}) for im in result.images]
+                   latentrt={"seed": result.seed}, **_nsfw(result, i)) for i, im in enumerate(result.images)]
 
 
 def error_body(exc: BaseException) -> tuple[int, dict]:

@@ -68,17 +68,18 @@ class Server:
 def load_server(bundles: dict[str, Any], *, backend: str = "onnxruntime", device: str = "cpu",
                 engine_options: dict | None = None, max_batch: int = 4, batch_wait_ms: float = 20.0,
                 max_queue: int = 32, timeout_s: float | None = None, api_key: str | None = None,
-                max_body_bytes: int = 20 << 20, warmup: bool = True) -> Server:
+                max_body_bytes: int = 20 << 20, warmup: bool = True, safety_checker: bool | None = None) -> Server:
     """Load ``{name: bundle path}``, start a worker per model and warm them up in the background
     (``/ready`` answers 200 once done). What the CLI runs; a Ray Serve replica can run the same:
-    ``serve.ingress(lambda: create_app(load_server(...)))``."""
+    ``serve.ingress(lambda: create_app(load_server(...)))``. ``safety_checker``: True runs every bundle's
+    checker (a bundle without one is refused), False none, None each bundle's when it has one."""
     import threading
 
     from .. import load
 
     workers = {name: Worker(name, load(path, backend=backend, device=device, **(engine_options or {})),
                             max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
-                            timeout_s=timeout_s)
+                            timeout_s=timeout_s, safety_checker=safety_checker)
                for name, path in bundles.items()}
     server = Server(workers, api_key=api_key, max_body_bytes=max_body_bytes)
 

@@ -70,6 +70,7 @@ class Result:
     seed: int
     timings: dict[str, list[float]]
     batch_images: int  # images in the pipeline call that made them
+    nsfw_content_detected: list | None = None  # per image, when the safety checker ran (runtime/safety.py)
 
 
 @dataclass(eq=False)
@@ -141,10 +142,12 @@ class Worker:
     """The queue and the thread that serves one pipeline."""
 
     def __init__(self, name: str, pipe, *, max_batch: int = 4, batch_wait_ms: float = 20.0, max_queue: int = 32,
-                 timeout_s: float | None = None, observer: Observer | None = None):
+                 timeout_s: float | None = None, observer: Observer | None = None, safety_checker: bool | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1; got {max_batch}, {max_queue}")
         self.name, self.pipe = name, pipe
+        #: every call's safety_checker (None: the bundle's checker when it has one; see serve --safety-checker)
+        self.safety_checker = safety_checker
         self.kind = pipe.bundle.manifest.pipeline
         self.max_batch = int(max_batch) if self.kind in BATCHABLE else 1
         self.batch_wait_s = max(0.0, batch_wait_ms) / 1000.0
@@ -153,6 +156,13 @@ class Worker:
         self.per_image_guidance = bool(getattr(pipe, "per_image_guidance", False))
         sig = inspect.signature(pipe.__call__).parameters
         self.accepts = set(sig)
+        if safety_checker and "safety_checker" not in self.accepts:
+            raise ValueError(f"{name}: --safety-checker on, but a {self.kind} pipeline runs no safety checker; serve "
+                             "it with --safety-checker off (or the default)")
+        if safety_checker is not None and "safety_checker" in self.accepts:
+            from ..runtime.safety import check_request
+
+            check_request(pipe, safety_checker)  # "on" for a bundle without a checker: refused at start
         #: the pipeline's defaults for the shared arguments it takes (what a request that omits them gets)
         self.defaults = {k: sig[k].default for k in SHARED if k in sig and sig[k].default is not inspect.Parameter.empty}
         self._queue: deque[Job] = deque()
@@ -177,6 +187,8 @@ class Worker:
         """One short call (engines allocate and optimise on their first run); a failure is logged,
         and the requests that hit the same problem get its error."""
         kwargs = {"num_inference_steps": 1} if "num_inference_steps" in self.accepts else {}
+        if self.safety_checker is not None and "safety_checker" in self.accepts:
+            kwargs["safety_checker"] = self.safety_checker
         if self.kind == "latent_upscale":  # takes an image: SD latents of a small one
             f = self.pipe.vae_scale_factor
             kwargs["image"] = np.zeros((1, int(self.pipe.constants["latent_channels"]), 64 // f, 64 // f), np.float32)
@@ -391,8 +403,12 @@ class Worker:
         steps = int(kwargs.get("num_inference_steps") or 0)
         self.progress.update(step=0, steps=steps, started=time.monotonic(), latents=None)
         kwargs["callback_on_step_end"] = self._step_hook(jobs, rows, steps)
+        if self.safety_checker is not None and "safety_checker" in self.accepts:
+            kwargs["safety_checker"] = self.safety_checker
         out = pipe(output_type="pil", **kwargs)
-        return [Result(out.images[a:b], j.seed, out.timings, rows[-1]) for j, a, b in zip(jobs, rows, rows[1:])]
+        nsfw = getattr(out, "nsfw_content_detected", None)
+        return [Result(out.images[a:b], j.seed, out.timings, rows[-1], None if nsfw is None else list(nsfw[a:b]))
+                for j, a, b in zip(jobs, rows, rows[1:])]
 
     def _step_hook(self, jobs: list[Job], rows: list[int], steps: int):
         def hook(pipe, i, t, tensors):

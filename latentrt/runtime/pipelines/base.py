@@ -17,7 +17,7 @@ import numpy as np
 from ...manifest import REEXPORT_HINT, BundleError
 from ...sizes import MAX_SIZE_HINT, SizeRange
 from ...spec import SpecError
-from .. import limits
+from .. import limits, safety
 from ..arguments import check_arguments
 from ..bundle import Bundle
 from ..image import postprocess, to_nchw
@@ -72,8 +72,10 @@ class BasePipeline(VaeTiling):
 
             @functools.wraps(call)
             def checked(self, *args, **kwargs):
-                check_arguments(dict(list(signature.bind(self, *args, **kwargs).arguments.items())[1:]),
-                                per_image_guidance=getattr(self, "per_image_guidance", False))
+                arguments = dict(list(signature.bind(self, *args, **kwargs).arguments.items())[1:])
+                check_arguments(arguments, per_image_guidance=getattr(self, "per_image_guidance", False))
+                if "safety_checker" in signature.parameters:  # before any engine runs (runtime/safety.py)
+                    safety.check_request(self, arguments.get("safety_checker"))
                 return call(self, *args, **kwargs)
 
             cls.__call__ = checked
@@ -323,13 +325,18 @@ class BasePipeline(VaeTiling):
         if not isinstance(output_type, str) or output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
 
-    def finish(self, latents: np.ndarray, output_type: str) -> PipelineOutput:
+    def finish(self, latents: np.ndarray, output_type: str, safety_checker: bool | None = False) -> PipelineOutput:
+        """Decode and postprocess; ``safety_checker``: the call's (None: the bundle's checker if it has
+        one), which sets ``nsfw_content_detected`` and blacks out flagged images (runtime/safety.py)."""
         self.check_output_type(output_type)
         if not np.isfinite(np.asarray(latents)).all():
             raise ValueError("the denoised latents are not finite (NaN or inf): the guidance scale, eta or the given "
                              "latents / embeddings are too large for this model, or an fp16 component overflowed")
-        images = latents if output_type == "latent" else postprocess(self.decode(latents), output_type)
-        return PipelineOutput(images=images, timings=self.timer.as_dict())
+        if output_type == "latent":
+            return PipelineOutput(images=latents, timings=self.timer.as_dict())
+        decoded = self.decode(latents)
+        images, nsfw = safety.run_checker(self, decoded, postprocess(decoded, output_type), output_type, safety_checker)
+        return PipelineOutput(images=images, timings=self.timer.as_dict(), nsfw_content_detected=nsfw)
 
     def start_call(self) -> None:
         self.timer = StageTimer()

@@ -77,6 +77,7 @@ class LCMPipeline(PromptEncoder, BasePipeline):
         vae: str = "full",
         vae_tiling: bool | None = None,
         vae_slicing: bool | None = None,
+        safety_checker: bool | None = None,  # None: the bundle's checker if it has one (runtime/safety.py)
         **control,
     ) -> PipelineOutput:
         """``control``: ``control_image`` and the other conditioning arguments of diffusers' ControlNet
@@ -138,4 +139,4 @@ class LCMPipeline(PromptEncoder, BasePipeline):
         _, denoised = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale if cfg else 1.0,
                               return_denoised=True, **ip_denoise_args(ip, self, bs, cfg, unet_inputs, conditioning),
                               callback_on_step_end=callback_on_step_end, callback=callback)
-        return self.end_call(self.finish(denoised, output_type))
+        return self.end_call(self.finish(denoised, output_type, safety_checker))

@@ -58,6 +58,7 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
         vae: str = "full",
         vae_tiling: bool | None = None,
         vae_slicing: bool | None = None,
+        safety_checker: bool | None = None,  # None: the bundle's checker if it has one (runtime/safety.py)
         **control,
     ) -> PipelineOutput:
         """diffusers' argument names and defaults (50 steps, guidance 7.5, strength 0.8, eta 0).
@@ -111,4 +112,4 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
         latents = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale,
                           guidance_rescale=guidance_rescale, eta=eta, callback_on_step_end=callback_on_step_end,
                           callback=callback, **ip_denoise_args(ip, self, bs, cfg, None, conditioning))
-        return self.end_call(self.finish(latents, output_type))
+        return self.end_call(self.finish(latents, output_type, safety_checker))

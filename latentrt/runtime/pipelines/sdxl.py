@@ -205,6 +205,7 @@ class SDXLPipeline(BasePipeline):
         vae: str = "full",
         vae_tiling: bool | None = None,
         vae_slicing: bool | None = None,
+        safety_checker: bool | None = None,  # None: the bundle's checker if it has one (runtime/safety.py)
         **control,
     ) -> PipelineOutput:
         """``control``: ``control_image`` and the other arguments of ``StableDiffusionXLControlNetPipeline``
@@ -310,4 +311,4 @@ class SDXLPipeline(BasePipeline):
                           guidance_rescale=guidance_rescale,
                           **ip_denoise_args(ip, self, bs, do_cfg, unet_inputs, conditioning),
                           callback_on_step_end=callback_on_step_end, callback=callback)
-        return self.end_call(self.finish(latents, output_type))
+        return self.end_call(self.finish(latents, output_type, safety_checker))
