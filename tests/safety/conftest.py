@@ -13,22 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "serve"))  # serve_helpers (the HTTP tests)
 
-from safety_helpers import aimed_concepts, set_concepts, tiny_checker, torch_embeds  # noqa: E402
-
-CALL = dict(prompt=["a red cat", "a blue dog on a hill"], num_inference_steps=2, output_type="np")
-SEED = 0
-
-
-def photo():
-    from PIL import Image
-
-    return Image.fromarray(np.random.default_rng(7).integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
-
-
-def call_of(kind: str) -> dict:
-    """The call every test of ``kind`` makes (``lcm-img2img``: image-to-image from :func:`photo`)."""
-    return {**CALL, "image": photo(), "strength": 0.7} if kind.endswith("img2img") else dict(CALL)
-
+from safety_helpers import SEED, aimed_concepts, call_of, set_concepts, tiny_checker, torch_embeds  # noqa: E402
 
 @dataclass
 class Case:

@@ -10,6 +10,20 @@ PROJECTION_DIM = 16
 N_CONCEPTS, N_SPECIAL = 17, 3  # as diffusers' checker
 NEVER = 2.0  # a threshold no cosine similarity reaches
 
+CALL = dict(prompt=["a red cat", "a blue dog on a hill"], num_inference_steps=2, output_type="np")
+SEED = 0
+
+
+def photo():
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(7).integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
+
+
+def call_of(kind: str) -> dict:
+    """The call every test of ``kind`` makes (``lcm-img2img``: image-to-image from :func:`photo`)."""
+    return {**CALL, "image": photo(), "strength": 0.7} if kind.endswith("img2img") else dict(CALL)
+
 
 def tiny_checker(seed: int = 7):
     import torch

@@ -11,7 +11,7 @@ import pytest
 import latentrt
 from latentrt.runtime.random import TorchGeneratorNoise
 
-from conftest import CALL, SEED, call_of
+from safety_helpers import CALL, SEED, call_of
 
 TOL = 1e-4
 KINDS = ["lcm", "sd", "lcm-img2img"]
