@@ -59,6 +59,9 @@ def register(sub) -> None:
                         "tokenizer describe it; a local folder needs no hub access")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickled files (.pt, .bin, .ckpt), which can run code: only for files you trust")
+    p.add_argument("--freeu", action="store_true",
+                   help="give the UNet graph a freeu input, so that generate --freeu S1,S2,B1,B2 (or freeu=(...) in "
+                        "Python) applies FreeU without re-exporting")
     p.set_defaults(func=run)
 
 
@@ -104,5 +107,6 @@ def run(args) -> int:
         **({"config": args.config} if getattr(args, "config", None) else {}),
         **({"controlnets": args.controlnet} if getattr(args, "controlnet", None) else {}),
         **({"adapter": args.adapter} if getattr(args, "adapter", None) else {}),
+        **({"freeu": True} if getattr(args, "freeu", False) else {}),
     )
     return 0

@@ -179,6 +179,7 @@ def export_bundle(
     max_batch: int | None = None,
     controlnets=None,
     adapter=None,
+    freeu: bool = False,
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
@@ -215,6 +216,7 @@ def export_bundle(
     ``T2IAdapter`` likewise) add conditioning components and the UNet graph that takes their residuals
     (see :mod:`latentrt.export.control`); :func:`latentrt.export.control_bundle.add_conditioning` adds
     them to an existing bundle.
+    ``freeu``: the UNet graphs take a ``freeu`` input, (s1, s2, b1, b2) per call (see :mod:`latentrt.export.freeu`).
     """
     overrides = parse_component_precisions(precision, component_precision)
     check = {True: "full", False: "quick"}.get(check, check) if isinstance(check, bool) else check
@@ -284,6 +286,10 @@ def export_bundle(
             pipe, constants, plans, controlnets=list(controlnets or ()), adapter=adapter, progress=progress,
             dtype=load_dtypes(precision, overrides)["default"] if low_memory else torch.float32)
         plans = [*plans, *control_plans]
+    if freeu:  # FreeU factors as a UNet graph input (issue 17; latentrt.export.freeu)
+        from .freeu import add_freeu_inputs
+
+        plans = add_freeu_inputs(plans)
 
     if isinstance(profile, str):
         from ..profiles import load_profile
@@ -322,6 +328,8 @@ def export_bundle(
             manifest.extra["vae"] = vae_source
         if control_extra:
             manifest.extra["control"] = control_extra
+        if freeu:
+            manifest.extra["freeu"] = {"input": "freeu", "order": ["s1", "s2", "b1", "b2"]}
         manifest.write(root)
     progress(f"wrote {out} ({manifest.extra['export_seconds']:.1f}s)")
     return manifest
