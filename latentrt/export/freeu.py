@@ -116,11 +116,16 @@ def is_unet_plan(plan) -> bool:
     return plan.spec.name == "unet" or plan.spec.name.startswith("unet_")
 
 
+def freeu_spec(spec):
+    """A UNet ``spec`` with the ``freeu`` input, float32 (4,), last."""
+    return dataclasses.replace(spec, inputs=(*spec.inputs, TensorSpec(FREEU_INPUT, "float32", (4,))))
+
+
 def with_freeu_input(plan):
     """The UNet ``plan`` (a :class:`~latentrt.export.recipes.ComponentPlan`) with the ``freeu`` input."""
     from .recipes import ComponentPlan
 
-    spec = dataclasses.replace(plan.spec, inputs=(*plan.spec.inputs, TensorSpec(FREEU_INPUT, "float32", (4,))))
+    spec = freeu_spec(plan.spec)
     return ComponentPlan(spec, FreeUWrapper(plan.module, [s.name for s in spec.inputs]),
                          {**plan.value_ranges, FREEU_INPUT: VALUE_RANGE})
 
