@@ -113,6 +113,32 @@ def test_sdxl_freeu_matches_diffusers(tmp_path):
     _check_parity(ref, ours, SDXL, 2, prompt="a castle", num_inference_steps=3, height=64, width=56)
 
 
+def test_controlnet_unet_takes_freeu_too(tmp_path):
+    """An export with --freeu and a ControlNet gives its residual UNet graph the input as well."""
+    from diffusers import StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from latentrt.export.bundle import export_bundle
+    from latentrt.export.tiny import tiny_sd_pipeline
+    from latentrt.export.tiny_control import tiny_controlnet
+
+    sd = tiny_sd_pipeline(0)
+    cn = tiny_controlnet(sd.unet, 13)
+    export_bundle(None, tmp_path / "cn", pipe=sd, check="off", progress=lambda *_: None, freeu=True, controlnets=[cn])
+    ours = latentrt.load(tmp_path / "cn")
+    ref = StableDiffusionControlNetPipeline(**sd.components, controlnet=cn)
+    ref.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    kw = dict(prompt="a cat", num_inference_steps=2, height=64, width=64)
+    plain = _images(ref, 1, image=image, **kw)
+    ref.unet.enable_freeu(*SD15)
+    want = _images(ref, 1, image=image, **kw)
+    ref.unet.disable_freeu()
+    assert float(np.abs(want - plain).max()) > 1e-2
+    assert float(np.abs(_images(ours, 1, control_image=image, freeu=SD15, **kw) - want).max()) <= TOL
+    assert float(np.abs(_images(ours, 1, control_image=image, **kw) - plain).max()) <= TOL
+
+
 def test_bad_freeu_values(sd):
     ours = sd[1]
     kw = dict(prompt="a cat", num_inference_steps=1, height=64, width=64)
