@@ -16,8 +16,9 @@ with ``theta[m, n] = 2 pi (m - n) / N`` and ``w = min(N - 1, 1)``. With ``P_N = 
 theta) / N, B = w sin theta / N), ``Re(P_H x P_W^T) = A_H x A_W^T - B_H x B_W^T``: four small real matrix
 products whose matrices are built in the graph from the tensor's dynamic H and W (cumsum / cos / sin),
 so one graph serves every latent size. diffusers computes the filter in float32 and casts back, as
-:func:`fourier_filter` does (the torch exporter has no FFT for the legacy ONNX path, and a DFT op would
-pin the opset; the products are exact and cost almost nothing at the UNet's two lowest resolutions).
+:func:`fourier_filter` does. diffusers' own filter does not export: the TorchScript exporter the bundles
+use says "Exporting the operator 'aten::fft_fftn' to ONNX opset version 17 is not supported"; the
+products are exact and cost almost nothing at the UNet's two lowest resolutions.
 
 With the identity ``(1, 1, 1, 1)`` the graph computes diffusers' result without FreeU exactly
 (``x * 1`` and ``x + 0 * ...``): the runtime feeds it whenever a call does not ask for FreeU.
