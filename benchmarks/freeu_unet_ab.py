@@ -21,7 +21,9 @@ import argparse
 import gc
 import json
 import statistics
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,6 +115,51 @@ def ab(g: dict, *, rounds: int, warmup: int, threads: int, size: int, progress=p
     return result
 
 
+#: the nodes the tracer puts directly in the first two up blocks' scope (not in a resnet, attention or
+#: upsampler): FreeU's ops, plus the skip concatenation that the plain graph has too
+FREEU_SCOPE = re.compile(r"/up_blocks\.[01]/[^/]+$")
+
+
+def op_profile(g: dict, *, threads: int, size: int, runs: int = 3) -> dict:
+    """Per graph and variant: ONNX Runtime's kernel time per step (ms), all nodes and the nodes in
+    :data:`FREEU_SCOPE`, from the session profiler (less disturbed by other load than end-to-end times)."""
+    import onnxruntime as ort
+
+    x = inputs(size)
+    feeds = {"plain": ("plain", {}), "freeu_off": ("freeu", {"freeu": np.ones(4, np.float32)}),
+             "freeu_on": ("freeu", {"freeu": np.asarray(SD15_FREEU, np.float32)})}
+    out = {}
+    for graph in ("plain", "freeu"):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        for v, (gg, extra) in feeds.items():
+            if gg != graph:
+                continue
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"freeu-ab-{v}")
+            sess = ort.InferenceSession(str(g[graph][0]), sess_options=so, providers=["CPUExecutionProvider"])
+            for _ in range(runs + 1):
+                sess.run(None, {**x, **extra})
+            path = sess.end_profiling()
+            events = json.loads(Path(path).read_text())
+            Path(path).unlink()
+            # kernel events of all runs: split evenly, drop the first run (arena growth)
+            nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+            n = len(nodes) // (runs + 1)
+            nodes = nodes[n:]
+            total = sum(e["dur"] for e in nodes) / runs / 1000
+            scope = [e for e in nodes if FREEU_SCOPE.search(e["name"][: -len("_kernel_time")])]
+            ops = {}
+            for e in scope:
+                op = e.get("args", {}).get("op_name", "?")
+                ops[op] = ops.get(op, 0) + e["dur"] / runs / 1000
+            out[v] = {"total_ms": total, "freeu_scope_ms": sum(ops.values()), "freeu_scope_ops_ms": ops}
+            del sess
+            gc.collect()
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=6)
@@ -121,11 +168,19 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=512, help="image side in pixels (latents size/8)")
     p.add_argument("--cache-dir", type=Path, help="default: the benchmark model cache")
     p.add_argument("--out", type=Path, help="append the result as a JSON line")
+    p.add_argument("--op-profile", action="store_true",
+                   help="also report ONNX Runtime's kernel time of FreeU's nodes (profiler) per variant")
     args = p.parse_args(argv)
     from latentrt.bench.models import default_cache_dir
 
-    res = ab(graphs(args.cache_dir or default_cache_dir()), rounds=args.rounds, warmup=args.warmup,
-             threads=args.threads, size=args.size)
+    g = graphs(args.cache_dir or default_cache_dir())
+    res = ab(g, rounds=args.rounds, warmup=args.warmup, threads=args.threads, size=args.size)
+    if args.op_profile:
+        res["op_profile"] = op_profile(g, threads=args.threads, size=args.size)
+        for v, prof in res["op_profile"].items():
+            ops = ", ".join(f"{op} {ms:.2f}" for op, ms in sorted(prof["freeu_scope_ops_ms"].items()))
+            print(f"  {v}: kernels {prof['total_ms']:.0f} ms per step, of which the up blocks 0-1's own nodes "
+                  f"{prof['freeu_scope_ms']:.2f} ms ({ops})")
     m, b = res["median_s"], res["min_s"]
     print(f"onnxruntime fp32, SD1.5 UNet, {args.size}x{args.size}, batch 1, {args.threads} threads, {args.rounds} rounds: "
           f"median plain {m['plain']:.3f}s, FreeU graph off {m['freeu_off']:.3f}s "
