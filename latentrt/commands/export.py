@@ -73,6 +73,9 @@ def register(sub) -> None:
                    help="export diffusers' safety checker (its CLIP vision model, concept data and feature extractor) "
                         "so generated images report nsfw_content_detected and flagged ones are blacked out; default: "
                         "exported when SRC carries one (as diffusers loads it), --no-safety-checker leaves it out")
+    p.add_argument("--freeu", action="store_true",
+                   help="give the UNet graph a freeu input, so that generate --freeu S1,S2,B1,B2 (or freeu=(...) in "
+                        "Python) applies FreeU without re-exporting")
     p.set_defaults(func=run)
 
 
@@ -121,5 +124,6 @@ def run(args) -> int:
         **({"ip_adapter": args.ip_adapter} if getattr(args, "ip_adapter", None) else {}),
         **({"image_encoder": args.image_encoder} if getattr(args, "image_encoder", None) else {}),
         safety_checker=getattr(args, "safety_checker", None),
+        **({"freeu": True} if getattr(args, "freeu", False) else {}),
     )
     return 0

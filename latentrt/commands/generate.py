@@ -73,6 +73,9 @@ def register(sub) -> None:
     p.add_argument("--upscale-steps", type=int, default=20, help="the upscaler's num_inference_steps (default 20)")
     p.add_argument("--upscale-guidance", type=float, default=9.0,
                    help="the upscaler's guidance_scale (default 9; 0 ignores the prompt)")
+    p.add_argument("--freeu", metavar="S1,S2,B1,B2",
+                   help="FreeU factors, as diffusers' enable_freeu (e.g. 0.9,0.2,1.5,1.6 for SD1.5); the bundle must be "
+                        "exported with --freeu")
     add_control_args(p)
     from .ip_adapter_args import add_ip_adapter_args
 
@@ -146,6 +149,10 @@ def call_kwargs(args) -> dict:
     if args.negative_prompt is not None:
         kw["negative_prompt"] = args.negative_prompt
     kw.update(vae_kwargs(args))
+    if getattr(args, "freeu", None) is not None:  # latentrt.runtime.pipelines.freeu
+        from ..runtime.pipelines.freeu import check_freeu
+
+        kw["freeu"] = check_freeu(args.freeu)
     return {k: v for k, v in kw.items() if v is not None}
 
 

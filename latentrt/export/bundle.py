@@ -182,6 +182,7 @@ def export_bundle(
     ip_adapter=None,
     image_encoder=None,
     safety_checker: bool | None = None,
+    freeu: bool = False,
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
@@ -224,6 +225,7 @@ def export_bundle(
     projection and UNet graphs with image-prompt inputs (see :mod:`latentrt.export.ip_adapter`).
     ``safety_checker``: export diffusers' safety checker (True: required; False: never; None, the default:
     when the source carries one, as diffusers loads it; see :mod:`latentrt.export.safety`).
+    ``freeu``: the UNet graphs take a ``freeu`` input, (s1, s2, b1, b2) per call (see :mod:`latentrt.export.freeu`).
     """
     overrides = parse_component_precisions(precision, component_precision)
     check = {True: "full", False: "quick"}.get(check, check) if isinstance(check, bool) else check
@@ -308,6 +310,10 @@ def export_bundle(
                                     progress=progress)  # a given pipeline: its own checker decides
     if safety is not None:
         plans = [*plans, safety.plan]
+    if freeu:  # FreeU factors as a UNet graph input (issue 17; latentrt.export.freeu)
+        from .freeu import add_freeu_inputs
+
+        plans = add_freeu_inputs(plans)
 
     if isinstance(profile, str):
         from ..profiles import load_profile
@@ -350,6 +356,8 @@ def export_bundle(
             manifest.extra["ip_adapter"] = ip_extra
         if safety is not None:
             manifest.extra["safety_checker"] = safety.write(root)
+        if freeu:
+            manifest.extra["freeu"] = {"input": "freeu", "order": ["s1", "s2", "b1", "b2"]}
         manifest.write(root)
     progress(f"wrote {out} ({manifest.extra['export_seconds']:.1f}s)")
     return manifest

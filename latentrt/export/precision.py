@@ -35,7 +35,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 PRECISIONS = ("fp32", "fp16")
-FP32_INPUTS = ("timestep", "time_ids")  # time_ids: SDXL sizes such as 4097 are not exact in fp16
+FP32_INPUTS = ("timestep", "time_ids", "freeu")  # time_ids: SDXL sizes such as 4097 are not exact in fp16; freeu: export/freeu.py
 
 
 def parse_component_precisions(precision: str, overrides: dict[str, str] | None = None) -> dict:

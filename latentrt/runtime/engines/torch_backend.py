@@ -83,6 +83,11 @@ def component_module(bundle, name: str, source: str | None = None):
             from ...export.ip_adapter import manifest_ip_adapter_plans
 
             plans = plans + manifest_ip_adapter_plans(pipe, dict(bundle.manifest.constants), plans, ip)
+        entry = bundle.manifest.components.get(name)
+        if entry is not None and any(s.name == "freeu" for s in entry.spec.inputs):  # latentrt.export.freeu
+            from ...export.freeu import with_freeu_input
+
+            plans = [with_freeu_input(p) if p.spec.name == name else p for p in plans]
     for plan in plans:
         if plan.spec.name == name:
             return plan.module

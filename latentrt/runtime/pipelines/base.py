@@ -24,6 +24,7 @@ from ..image import postprocess, to_nchw
 from ..random import NoiseSource, randn
 from ..schedulers import Scheduler, get_scheduler, undecidable_keys
 from ..timing import StageTimer
+from .freeu import FreeUOption
 from .vae_options import VaeTiling
 
 logger = logging.getLogger("latentrt")
@@ -49,13 +50,14 @@ class CallState(threading.local):
         self.vae_choice = "full"  # "full" | "tiny" (TAESD), chosen per call by select_vae
         self.vae_options = None  # VaeOptions of this call (None: the pipeline's defaults), see vae_options.py
         self.last_timings: dict[str, list[float]] = {}
+        self.freeu = None  # (s1, s2, b1, b2) of this call or None (see freeu.py)
 
 
 def _call_attribute(name: str, doc: str) -> property:
     return property(lambda self: getattr(self._call, name), lambda self, v: setattr(self._call, name, v), doc=doc)
 
 
-class BasePipeline(VaeTiling):
+class BasePipeline(VaeTiling, FreeUOption):
     #: components the pipeline cannot run without / uses when present
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
@@ -105,6 +107,7 @@ class BasePipeline(VaeTiling):
 
     # -- helpers -------------------------------------------------------------------------------
     def run(self, component: str, **inputs) -> dict[str, Any]:
+        inputs = self.freeu_inputs(component, self.engines[component].inputs, inputs)  # freeu.py
         self.check_memory(limits.call_sizes(self.engines[component].inputs, inputs), [component])
         with self.timer(component):
             return self.engines[component](**inputs)
@@ -134,6 +137,7 @@ class BasePipeline(VaeTiling):
         """Call a component keeping its outputs on the device (engines with ``device_loop``); the
         stage is timed after the device finished it."""
         engine = self.engines[component]
+        inputs = self.freeu_inputs(component, engine.inputs, inputs)  # freeu.py
         self.check_memory(limits.call_sizes(engine.inputs, inputs), [component])
         with self.timer(component):
             out = engine.call_on_device(**inputs)
@@ -342,6 +346,7 @@ class BasePipeline(VaeTiling):
         self.timer = StageTimer()
         self.vae_choice = "full"
         self.set_vae_options()  # the pipeline's VAE tiling / slicing defaults (select_vae may override them)
+        self.set_freeu()  # the pipeline's FreeU default (a call's freeu= overrides it)
 
     #: per VAE choice: (decoder, encoder) component names
     VAE_COMPONENTS = {"full": ("vae_decoder", "vae_encoder"), "tiny": ("tiny_vae_decoder", "tiny_vae_encoder")}

@@ -78,6 +78,7 @@ class LCMPipeline(PromptEncoder, BasePipeline):
         vae_tiling: bool | None = None,
         vae_slicing: bool | None = None,
         safety_checker: bool | None = None,  # None: the bundle's checker if it has one (runtime/safety.py)
+        freeu: Any = None,
         **control,
     ) -> PipelineOutput:
         """``control``: ``control_image`` and the other conditioning arguments of diffusers' ControlNet
@@ -86,6 +87,7 @@ class LCMPipeline(PromptEncoder, BasePipeline):
         classifier-free guidance when ``guidance_scale > 1`` (negative prompt included), no guidance
         embedding, and the SD image-to-image cut of the schedule."""
         self.start_call()
+        self.set_freeu(freeu)  # (s1, s2, b1, b2): the UNet graph's freeu input (freeu.py)
         self.select_vae(vae, vae_tiling, vae_slicing)  # "full" or "tiny" (TAESD, when the bundle has it)
         self.check_output_type(output_type)
         img2img = image is not None

@@ -59,6 +59,7 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
         vae_tiling: bool | None = None,
         vae_slicing: bool | None = None,
         safety_checker: bool | None = None,  # None: the bundle's checker if it has one (runtime/safety.py)
+        freeu: Any = None,
         **control,
     ) -> PipelineOutput:
         """diffusers' argument names and defaults (50 steps, guidance 7.5, strength 0.8, eta 0).
@@ -70,6 +71,7 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
         pipelines (:mod:`.conditioning`); with ``image`` it is ``StableDiffusionControlNetImg2ImgPipeline``.
         """
         self.start_call()
+        self.set_freeu(freeu)  # (s1, s2, b1, b2): the UNet graph's freeu input (freeu.py)
         self.select_vae(vae, vae_tiling, vae_slicing)
         self.check_output_type(output_type)
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:

@@ -206,11 +206,13 @@ class SDXLPipeline(BasePipeline):
         vae_tiling: bool | None = None,
         vae_slicing: bool | None = None,
         safety_checker: bool | None = None,  # None: the bundle's checker if it has one (runtime/safety.py)
+        freeu: Any = None,
         **control,
     ) -> PipelineOutput:
         """``control``: ``control_image`` and the other arguments of ``StableDiffusionXLControlNetPipeline``
         / ``StableDiffusionXLAdapterPipeline`` (:mod:`.conditioning`), text-to-image only."""
         self.start_call()
+        self.set_freeu(freeu)  # (s1, s2, b1, b2): the UNet graph's freeu input (freeu.py)
         self.select_vae(vae, vae_tiling, vae_slicing)
         self.check_output_type(output_type)
         img2img = image is not None
