@@ -24,6 +24,7 @@ from ..image import postprocess, to_nchw
 from ..random import NoiseSource, randn
 from ..schedulers import Scheduler, get_scheduler, undecidable_keys
 from ..timing import StageTimer
+from .lora_scales import LoraScales
 from .vae_options import VaeTiling
 
 logger = logging.getLogger("latentrt")
@@ -55,7 +56,7 @@ def _call_attribute(name: str, doc: str) -> property:
     return property(lambda self: getattr(self._call, name), lambda self, v: setattr(self._call, name, v), doc=doc)
 
 
-class BasePipeline(VaeTiling):
+class BasePipeline(LoraScales, VaeTiling):
     #: components the pipeline cannot run without / uses when present
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
@@ -229,7 +230,7 @@ class BasePipeline(VaeTiling):
 
     def text_embeddings(self, prompts: Sequence[str], clip_skip: int | None = None) -> dict[str, np.ndarray]:
         """Run the text encoder; ``hidden`` is what the UNet's cross-attention gets."""
-        out = self.run("text_encoder", input_ids=self.tokenize(prompts))
+        out = self.run("text_encoder", input_ids=self.tokenize(prompts), **self.lora_inputs("text_encoder"))
         if clip_skip is None:
             hidden = out["last_hidden_state"]
         else:
