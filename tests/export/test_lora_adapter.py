@@ -84,6 +84,7 @@ def ref(sd_dir, files):
 
 
 def _diff(a, b) -> float:
+    a, b = (x.detach().numpy() if isinstance(x, torch.Tensor) else x for x in (a, b))
     return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
 
 
@@ -117,8 +118,8 @@ def test_scale_parity_with_guidance(ref, ours, base, scale):
 def test_text_encoder_gets_the_scale(ref, ours):
     """diffusers' ``encode_prompt(lora_scale=s)`` scales the text encoder's LoRA layers; so does ours."""
     ref.set_adapters(["lcm", "style"], adapter_weights=[1.0, 0.5])
-    want = ref.encode_prompt(PROMPT, "cpu", 1, False, lora_scale=0.5)[0].detach().numpy()
-    unscaled = ref.encode_prompt(PROMPT, "cpu", 1, False)[0].detach().numpy()
+    want = ref.encode_prompt(PROMPT, "cpu", 1, False, lora_scale=0.5)[0]
+    unscaled = ref.encode_prompt(PROMPT, "cpu", 1, False)[0]
     assert _diff(want, unscaled) > 1e-3
     got = ours.encode_prompt(PROMPT, lora_scale=0.5)[0]
     assert _diff(got, want) <= TOL
@@ -265,3 +266,62 @@ def test_adapter_mode_needs_loras_and_a_known_mode(sd_dir, tmp_path):
     with pytest.raises(ValueError, match="lora_mode must be 'fused' or 'adapter'"):
         export_bundle(sd_dir, tmp_path / "b", lora_mode="merged", progress=lambda *_: None)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# -- SDXL: the scale reaches both text encoders --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """A tiny SDXL base on disk, a UNet LoRA (kohya) and a style LoRA on the UNet and both text encoders
+    (PEFT keys), and the bundle exported with both as adapters."""
+    from safetensors.torch import load_file, save_file
+
+    from latentrt.export.bundle import export_bundle
+    from latentrt.export.tiny import TEXT_LORA_TARGETS, _lora_pairs, save_tiny_lora, save_tiny_sdxl, tiny_sdxl_pipeline
+
+    root = tmp_path_factory.mktemp("sdxl")
+    src = save_tiny_sdxl(root / "tiny-sdxl", 1)
+    pipe = tiny_sdxl_pipeline(1)
+    unet_lora = save_tiny_lora(root / "unet-lora.safetensors", pipe, fmt="kohya", text_encoder=False, seed=1, scale=0.3)
+    style = save_tiny_lora(root / "style.safetensors", pipe, fmt="peft", seed=2, scale=0.3)
+    sd = load_file(str(style))
+    te2 = pipe.text_encoder_2
+    prefix = "" if hasattr(te2, "text_model") else "text_model."
+    for name, down, up in _lora_pairs(te2, TEXT_LORA_TARGETS, 4, torch.Generator().manual_seed(3), 0.3):
+        sd[f"text_encoder_2.{prefix}{name}.lora_A.weight"] = down.contiguous()
+        sd[f"text_encoder_2.{prefix}{name}.lora_B.weight"] = up.contiguous()
+    save_file(sd, str(style))
+    out = root / "bundle"
+    export_bundle(src, out, loras=[f"{unet_lora}:1.0:unet", (str(style), 0.7)], lora_mode="adapter", check="off",
+                  progress=lambda *_: None)
+    return src, unet_lora, style, out
+
+
+def test_sdxl_scale_and_weights_reach_both_text_encoders(sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    src, unet_lora, style, out = sdxl
+    ours = latentrt.load(out)
+    info = ours.bundle.manifest.extra["lora_adapter"]
+    assert info["names"] == ["unet", "style"] and set(info["components"]) == {"unet", "text_encoder", "text_encoder_2"}
+    plain = StableDiffusionXLPipeline.from_pretrained(str(src), dtype=torch.float32)
+    plain.set_progress_bar_config(disable=True)
+    ref = StableDiffusionXLPipeline.from_pretrained(str(src), dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(unet_lora), adapter_name="unet")
+    ref.load_lora_weights(str(style), adapter_name="style")
+    ref.set_adapters(["unet", "style"], adapter_weights=[0.8, 1.3])
+    kw = dict(prompt=PROMPT, num_inference_steps=3, guidance_scale=4.0, output_type="np")
+    want = ref(**kw, cross_attention_kwargs={"scale": 0.5}, generator=torch.Generator().manual_seed(2)).images
+    assert _diff(want, plain(**kw, generator=torch.Generator().manual_seed(2)).images) > 1e-3
+    enc = dict(device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    te_want = ref.encode_prompt(PROMPT, **enc, lora_scale=0.5)
+    assert _diff(te_want[0], ref.encode_prompt(PROMPT, **enc)[0]) > 1e-3
+    got = ours(**kw, lora_weights={"unet": 0.8, "style": 1.3}, cross_attention_kwargs={"scale": 0.5},
+               generator=TorchGeneratorNoise(2)).images
+    assert _diff(got, want) <= TOL
+    te_got = ours.encode_prompt(PROMPT, lora_scale=0.5, lora_weights={"unet": 0.8, "style": 1.3},
+                                do_classifier_free_guidance=False)
+    for g, w in ((te_got[0], te_want[0]), (te_got[2], te_want[2])):  # both encoders' states, pooled (encoder 2)
+        assert _diff(g, w) <= TOL
