@@ -182,6 +182,20 @@ def test_controlnet_residual_unet_graph_gets_the_scales(ref, ours, base, files):
     assert _diff(got, want) <= TOL
 
 
+def test_concurrent_calls_keep_their_own_weights(ours):
+    """The factors are state of the call (per thread): two threads with different weights at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kw = dict(prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    weights = [{"lcm": 0.0, "style": 0.0}, {"lcm": 1.0, "style": 1.5}] * 2
+    alone = [ours(**kw, lora_weights=w, generator=TorchGeneratorNoise(1)).images for w in weights[:2]]
+    assert _diff(*alone) > 1e-3
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda w: ours(**kw, lora_weights=w, generator=TorchGeneratorNoise(1)).images, weights))
+    for i, img in enumerate(together):
+        assert _diff(img, alone[i % 2]) <= 1e-6
+
+
 def test_manifest_records_the_adapters(bundle, files):
     m = json.loads((bundle / "latentrt.json").read_text())
     info = m["extra"]["lora_adapter"]
