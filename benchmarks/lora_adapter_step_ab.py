@@ -156,6 +156,46 @@ def ab(backend: str, graphs: dict, *, rounds: int, warmup: int, threads: int, si
     return result
 
 
+def ort_kernel_profile(graphs: dict, *, threads: int, size: int, batch: int, runs: int = 3) -> dict:
+    """ONNX Runtime's own per-node kernel times (ms per step) of each graph, interleaved: the total, and
+    for the adapter graph the kernels whose nodes the fused graph does not have (the LoRA branches: their
+    two MatMuls, the scale, the Add), which machine noise inflates alike but cannot hide in the total."""
+    import collections
+
+    import onnxruntime as ort
+
+    x = inputs(graphs["fused"][1], size, batch)
+    feeds = {"fused": x, "adapter": {**x, "lora_scales": np.ones(1, np.float32)}}
+    sessions = {}
+    for v in VARIANTS:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.log_severity_level, so.enable_profiling = threads, 3, True
+        so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"lora-ab-{v}")
+        sessions[v] = ort.InferenceSession(str(graphs[v][0]), so, providers=["CPUExecutionProvider"])
+        sessions[v].run(None, feeds[v])  # warm-up (its kernels are in the profile too: dropped below by run count)
+    for _ in range(runs):
+        for v in VARIANTS:
+            sessions[v].run(None, feeds[v])
+    by_node = {}
+    for v in VARIANTS:
+        trace = Path(sessions[v].end_profiling())
+        nodes = collections.Counter()
+        for e in json.loads(trace.read_text()):
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                nodes[e["name"].removesuffix("_kernel_time")] += e["dur"] / 1e3
+        trace.unlink()
+        by_node[v] = {k: t / (runs + 1) for k, t in nodes.items()}
+    del sessions
+    gc.collect()
+    # a LoraBranch's own nodes are in its scope (.../to_q/...) but not in its base layer's (.../to_q/base_layer/...)
+    scopes = tuple(f"/{t}/" for t in TARGETS)
+    extra = {k: t for k, t in by_node["adapter"].items() if any(sc in k for sc in scopes) and "/base_layer/" not in k}
+    total = {v: sum(by_node[v].values()) for v in VARIANTS}
+    return {"total_ms": total, "adapter_only_ms": sum(extra.values()), "adapter_only_nodes": len(extra),
+            "adapter_only_share": sum(extra.values()) / total["adapter"],
+            "adapter_only_examples": sorted(extra)[:8]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", default="onnxruntime,openvino")
@@ -165,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--size", type=int, default=512, help="image side in pixels (latents size/8)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--op-profile", action="store_true",
+                   help="also report ONNX Runtime's kernel time of each graph and of the adapter graph's own nodes")
     p.add_argument("--cache-dir", type=Path, help="default: the benchmark model cache")
     p.add_argument("--model", default="sd15-lcm", help="benchmark model (latentrt.bench.models); tiny-lcm to try it")
     p.add_argument("--out", type=Path, help="append the results as JSON lines")
@@ -180,6 +222,13 @@ def main(argv=None) -> int:
             res["rank"] = args.rank
             results.append(res)
             res["model"] = args.model
+            if args.op_profile and backend == "onnxruntime":
+                prof = res["op_profile"] = ort_kernel_profile(graphs, threads=args.threads, size=args.size,
+                                                              batch=args.batch)
+                print(f"  onnxruntime kernels per step: fused {prof['total_ms']['fused']:.0f} ms, adapter "
+                      f"{prof['total_ms']['adapter']:.0f} ms, of which {prof['adapter_only_ms']:.0f} ms "
+                      f"({100 * prof['adapter_only_share']:.2f}%) in the {prof['adapter_only_nodes']} nodes of the "
+                      "LoRA branches")
             print(f"{backend} ({res['precision']}), {args.model} UNet + rank-{args.rank} LoRA on its attention projections, "
                   f"{args.size}x{args.size}, batch {args.batch}, {args.threads} threads: fused "
                   f"{res['median_s']['fused']:.3f}s, adapter {res['median_s']['adapter']:.3f}s, adapter/fused "
