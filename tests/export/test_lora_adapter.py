@@ -196,6 +196,21 @@ def test_concurrent_calls_keep_their_own_weights(ours):
         assert _diff(img, alone[i % 2]) <= 1e-6
 
 
+def test_fp16_bundle(sd_dir, files, ref, tmp_path):
+    """An fp16 adapter bundle (its lora_scales input is float16, fed from the same float32 factors)."""
+    from latentrt.export.bundle import export_bundle
+
+    lcm, style, _ = files
+    m = export_bundle(sd_dir, tmp_path / "fp16", loras=[f"{lcm}:1:lcm", f"{style}:0.5"], lora_mode="adapter",
+                      precision="fp16", check="off", progress=lambda *_: None)
+    assert {s.name: s.dtype for s in m.components["unet"].spec.inputs}["lora_scales"] == "float16"
+    ref.set_adapters(["lcm", "style"], adapter_weights=[0.5, 1.0])
+    want = ref(**CFG, cross_attention_kwargs={"scale": 0.5}, generator=torch.Generator().manual_seed(3)).images
+    got = latentrt.load(tmp_path / "fp16")(**CFG, lora_weights={"lcm": 0.5, "style": 1.0}, lora_scale=0.5,
+                                           generator=TorchGeneratorNoise(3)).images
+    assert _diff(got, want) <= 2e-2
+
+
 def test_manifest_records_the_adapters(bundle, files):
     m = json.loads((bundle / "latentrt.json").read_text())
     info = m["extra"]["lora_adapter"]
