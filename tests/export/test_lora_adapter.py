@@ -209,6 +209,17 @@ def test_fp16_bundle(sd_dir, files, ref, tmp_path):
     got = latentrt.load(tmp_path / "fp16")(**CFG, lora_weights={"lcm": 0.5, "style": 1.0}, lora_scale=0.5,
                                            generator=TorchGeneratorNoise(3)).images
     assert _diff(got, want) <= 2e-2
+    # a ControlNet added later would get a residual UNet graph without the LoRAs: refused
+    from latentrt.export.control_bundle import add_conditioning
+
+    with pytest.raises(ValueError, match="this bundle has LoRAs, which the unet_controlnet graph exported from SRC"):
+        add_conditioning(tmp_path / "fp16", [files[2]], src=sd_dir, progress=lambda *_: None)
+
+
+def test_torch_backend_refuses_lora_bundles(bundle):
+    with pytest.raises(ValueError, match="the torch backend builds .* from the source model, which lacks this "
+                                         r"bundle's LoRAs"):
+        latentrt.load(bundle, backend="torch")
 
 
 def test_manifest_records_the_adapters(bundle, files):
