@@ -51,10 +51,16 @@ def register(sub) -> None:
                         "of fp32 plus an fp16 copy; fp16 graphs are then checked against the fp16 module. "
                         "An fp16 SDXL bundle (VAE fp32, --trace-size 256, --check off) exported with a peak RSS of "
                         "20.5 GB this way (benchmarks/RESULTS.md)")
-    p.add_argument("--lora", action="append", default=[], metavar="SRC[:WEIGHT]",
+    p.add_argument("--lora", action="append", default=[], metavar="SRC[:WEIGHT[:NAME]]",
                    help="fuse a LoRA (diffusers/PEFT or kohya .safetensors; local file or folder, or hub id "
                         "owner/name[/file.safetensors]) into the UNet and text encoder before export, with WEIGHT "
-                        "(default 1.0); repeatable, e.g. --lora latent-consistency/lcm-lora-sdv1-5 --lora style.safetensors:0.5")
+                        "(default 1.0); repeatable, e.g. --lora latent-consistency/lcm-lora-sdv1-5 --lora style.safetensors:0.5. "
+                        "With --lora-mode adapter, NAME (default: the file's name) is how pipe(..., lora_weights={NAME: w}) "
+                        "addresses it")
+    p.add_argument("--lora-mode", choices=["fused", "adapter"], default="fused",
+                   help="fused (default, the fast path): LoRAs merged into the weights at their WEIGHT; adapter: kept as "
+                        "unfused branches whose weights and scale are set per call (lora_weights=, "
+                        "cross_attention_kwargs={'scale': s}), at some cost per step (see README)")
     p.add_argument("--vae", metavar="SRC",
                    help="replace the pipeline's VAE (AutoencoderKL: hub id or local folder), e.g. "
                         "madebyollin/sdxl-vae-fp16-fix for an all-fp16 SDXL bundle")
@@ -115,6 +121,7 @@ def run(args) -> int:
         max_batch=getattr(args, "max_batch", None),
         **({"tiny_vae": args.tiny_vae} if getattr(args, "tiny_vae", None) else {}),
         **({"loras": args.lora} if getattr(args, "lora", None) else {}),
+        **({"lora_mode": args.lora_mode} if getattr(args, "lora_mode", "fused") != "fused" else {}),
         **({"vae": args.vae} if getattr(args, "vae", None) else {}),
         **({"textual_inversions": args.textual_inversion} if getattr(args, "textual_inversion", None) else {}),
         allow_pickle=getattr(args, "allow_pickle", False),

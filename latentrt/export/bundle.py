@@ -183,12 +183,15 @@ def export_bundle(
     image_encoder=None,
     safety_checker: bool | None = None,
     freeu: bool = False,
+    lora_mode: str = "fused",
 ) -> Manifest:
     """Export every component of the pipeline at ``src`` into the bundle folder ``out``.
 
     ``pipe`` may be given (an already-loaded diffusers pipeline) to skip loading ``src``.
     ``loras``: LoRAs fused into the UNet and text encoder before tracing, each ``"SRC[:WEIGHT]"``, a
     path or ``(source, weight)`` (see :mod:`latentrt.export.lora`); a given ``pipe`` is copied, not changed.
+    ``lora_mode="adapter"`` keeps them unfused, each a branch scaled per call by the graphs' ``lora_scales``
+    input (``"SRC[:WEIGHT[:NAME]]"``; see :mod:`latentrt.export.lora_adapter`).
     ``vae`` (hub id, local folder or ``AutoencoderKL``) replaces the pipeline's VAE, e.g. the fp16-safe
     ``madebyollin/sdxl-vae-fp16-fix`` for all-fp16 SDXL bundles (see :mod:`latentrt.export.vae_swap`).
     ``textual_inversions``: embedding files, each ``"FILE[:TOKEN]"``, whose tokens are added to the
@@ -246,16 +249,27 @@ def export_bundle(
         source = {"id": None, "path": str(src) if src else None, "revision": revision,
                   "pipeline_class": type(pipe).__name__}
     lora_records = []
+    lora_adapters = None  # --lora-mode adapter (latentrt.export.lora_adapter)
+    if lora_mode not in ("fused", "adapter"):
+        raise ValueError(f"lora_mode must be 'fused' or 'adapter'; got {lora_mode!r}")
+    if lora_mode == "adapter" and not loras:
+        raise ValueError("lora_mode='adapter' (--lora-mode adapter) needs at least one LoRA (--lora SRC[:WEIGHT[:NAME]])")
     if loras:
         import copy
 
         from .lora import fuse_loras
 
         loras = list(loras)
-        progress(f"fusing {len(loras)} LoRA(s)")
+        progress(f"{'fusing' if lora_mode == 'fused' else 'loading as adapters'} {len(loras)} LoRA(s)")
         if pipe_given:
             pipe = copy.deepcopy(pipe)
-        lora_records = fuse_loras(pipe, loras)
+        if lora_mode == "adapter":
+            from .lora_adapter import load_lora_adapters
+
+            lora_adapters = load_lora_adapters(pipe, loras, kind=detect_kind(pipe).kind)
+            lora_records = lora_adapters.records
+        else:
+            lora_records = fuse_loras(pipe, loras)
     ti_records = []
     if textual_inversions:  # new tokens and text-encoder rows (latentrt.export.textual_inversion)
         import copy
@@ -314,6 +328,8 @@ def export_bundle(
         from .freeu import add_freeu_inputs
 
         plans = add_freeu_inputs(plans)
+    if lora_adapters is not None:  # every graph with LoRA branches takes lora_scales (all UNet graphs, text encoders)
+        plans = lora_adapters.add_inputs(plans)
 
     if isinstance(profile, str):
         from ..profiles import load_profile
@@ -342,6 +358,8 @@ def export_bundle(
         manifest.extra["export"] = {"check": check, "trace_size": [dh, dw], "low_memory": bool(low_memory)}
         if lora_records:
             manifest.extra["loras"] = lora_records
+        if lora_adapters is not None:
+            manifest.extra["lora_adapter"] = lora_adapters.manifest_extra()
         if ti_records:
             manifest.extra["textual_inversion"] = ti_records
         if recipe_extra:

@@ -35,6 +35,9 @@ def add_conditioning(bundle, controlnets, *, src=None, check: str = "quick", pro
     k = manifest.constants
     plans = []
     if CONTROLNET_UNET not in manifest.components:
+        if manifest.extra.get("loras"):  # SRC has no LoRAs: its residual UNet would lose them (fused or adapters)
+            raise ValueError(f"{root}: this bundle has LoRAs, which the {CONTROLNET_UNET} graph exported from SRC would "
+                             "lack; export the bundle again with its --lora options and --controlnet together")
         if src is None:
             raise ValueError(f"{root}: this bundle has no ControlNet yet, so no {CONTROLNET_UNET} graph (the UNet "
                              "with residual inputs); pass the pipeline it was exported from as SRC (`latentrt export "

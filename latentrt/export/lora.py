@@ -122,44 +122,9 @@ def fuse_loras(pipe, loras: Iterable) -> list[dict]:
     names, weights, records = [], [], []
     for i, spec in enumerate(specs):
         name = f"lora{i}"
-        target, kwargs, local_file = _load_kwargs(spec.source)
-        try:
-            state_dict, _alphas = pipe.lora_state_dict(target, **kwargs)
-        except Exception as e:  # missing hub repo, unreadable file, no weights in the folder
-            raise LoraError(f"LoRA {spec.source}: cannot read it ({type(e).__name__}: {e})") from e
-        wanted = _lora_modules(state_dict)
-        fmt = _describe_format(_raw_keys(target, kwargs, local_file) or state_dict)
-        unknown = sorted(set(wanted) - set(LORA_COMPONENTS))
-        if unknown:
-            raise LoraError(f"LoRA {spec.source}: it has layers for {unknown}, which a "
-                            f"{type(pipe).__name__} does not have (a LoRA for another kind of model?)")
-        try:
-            pipe.load_lora_weights(target, adapter_name=name, **kwargs)
-        except Exception as e:
-            raise LoraError(
-                f"LoRA {spec.source} does not fit this {type(pipe).__name__}: {type(e).__name__}: {e} "
-                "(is it a LoRA for another base model, e.g. SD1.x vs SD2.x vs SDXL?)"
-            ) from e
-        layers = {}
-        for comp, modules in wanted.items():
-            model = getattr(pipe, comp, None)
-            adapted = _layers_with_adapter(model, name) if model is not None else set()
-            layers[comp] = len(adapted)
-            # published text encoder keys say "text_model.", which transformers 5 models no longer have
-            missing = sorted(m for m in modules if m not in adapted and m.removeprefix("text_model.") not in adapted)
-            if missing:
-                raise LoraError(
-                    f"LoRA {spec.source}: only {len(modules) - len(missing)} of its {len(modules)} {comp} layers "
-                    f"fit a layer of this model (not found: {missing[0]!r}{', ...' if len(missing) > 1 else ''}); "
-                    "it is a LoRA for another base model (SD1.x vs SD2.x vs SDXL?) or a format diffusers does not "
-                    "convert"
-                )
-        if not any(layers.values()):
-            raise LoraError(f"LoRA {spec.source}: none of its keys fit a layer of the UNet or text encoder")
+        records.append(load_lora(pipe, spec, name))
         names.append(name)
         weights.append(float(spec.weight))
-        records.append({"source": spec.source, "weight": float(spec.weight), "format": fmt, "layers": layers,
-                        **({"sha256": sha256_file(local_file)} if local_file else {})})
     pipe.set_adapters(names, adapter_weights=weights)
     components = [c for c in LORA_COMPONENTS if any(r["layers"].get(c) for r in records)]
     pipe.fuse_lora(components=components, adapter_names=names)
@@ -180,3 +145,47 @@ def _raw_keys(target: str, kwargs: dict, local_file: str | None) -> list[str] | 
 
     with safe_open(local_file, framework="pt") as f:
         return list(f.keys())
+
+
+def load_lora(pipe, spec: LoraSpec, name: str) -> dict:
+    """Load one LoRA into ``pipe`` as PEFT adapter ``name`` (diffusers' ``load_lora_weights``) and check
+    that every layer of the file found a layer of the model. Returns its manifest record. Shared by
+    :func:`fuse_loras` and the adapter mode (:mod:`latentrt.export.lora_adapter`)."""
+    if not hasattr(pipe, "load_lora_weights"):
+        raise LoraError(f"{type(pipe).__name__} does not take LoRAs (no diffusers LoRA loader)")
+    target, kwargs, local_file = _load_kwargs(spec.source)
+    try:
+        state_dict, _alphas = pipe.lora_state_dict(target, **kwargs)
+    except Exception as e:  # missing hub repo, unreadable file, no weights in the folder
+        raise LoraError(f"LoRA {spec.source}: cannot read it ({type(e).__name__}: {e})") from e
+    wanted = _lora_modules(state_dict)
+    fmt = _describe_format(_raw_keys(target, kwargs, local_file) or state_dict)
+    unknown = sorted(set(wanted) - set(LORA_COMPONENTS))
+    if unknown:
+        raise LoraError(f"LoRA {spec.source}: it has layers for {unknown}, which a "
+                        f"{type(pipe).__name__} does not have (a LoRA for another kind of model?)")
+    try:
+        pipe.load_lora_weights(target, adapter_name=name, **kwargs)
+    except Exception as e:
+        raise LoraError(
+            f"LoRA {spec.source} does not fit this {type(pipe).__name__}: {type(e).__name__}: {e} "
+            "(is it a LoRA for another base model, e.g. SD1.x vs SD2.x vs SDXL?)"
+        ) from e
+    layers = {}
+    for comp, modules in wanted.items():
+        model = getattr(pipe, comp, None)
+        adapted = _layers_with_adapter(model, name) if model is not None else set()
+        layers[comp] = len(adapted)
+        # published text encoder keys say "text_model.", which transformers 5 models no longer have
+        missing = sorted(m for m in modules if m not in adapted and m.removeprefix("text_model.") not in adapted)
+        if missing:
+            raise LoraError(
+                f"LoRA {spec.source}: only {len(modules) - len(missing)} of its {len(modules)} {comp} layers "
+                f"fit a layer of this model (not found: {missing[0]!r}{', ...' if len(missing) > 1 else ''}); "
+                "it is a LoRA for another base model (SD1.x vs SD2.x vs SDXL?) or a format diffusers does not "
+                "convert"
+            )
+    if not any(layers.values()):
+        raise LoraError(f"LoRA {spec.source}: none of its keys fit a layer of the UNet or text encoder")
+    return {"source": spec.source, "weight": float(spec.weight), "format": fmt, "layers": layers,
+            **({"sha256": sha256_file(local_file)} if local_file else {})}

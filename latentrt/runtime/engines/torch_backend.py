@@ -65,6 +65,11 @@ def component_module(bundle, name: str, source: str | None = None):
     """The torch module of component ``name`` with its spec's I/O (the export recipe's wrapper)."""
     from ...export.recipes import detect_kind
 
+    if bundle.manifest.extra.get("loras") and name in ("unet", "text_encoder", "text_encoder_2", "unet_controlnet",
+                                                        "unet_adapter"):
+        raise ValueError(f"{bundle.path}: the torch backend builds {name} from the source model, which lacks this "
+                         "bundle's LoRAs (fused or adapters); run it with backend='onnxruntime', 'openvino' or "
+                         "'tensorrt'")
     tiny = bundle.manifest.extra.get("tiny_vae") or {}
     if name.startswith("tiny_vae_") and (tiny.get("path") or tiny.get("id")):
         from ...export.tiny_vae import load_tiny_vae, tiny_vae_plans  # TAESD: its own source

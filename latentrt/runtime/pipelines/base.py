@@ -25,6 +25,7 @@ from ..random import NoiseSource, randn
 from ..schedulers import Scheduler, get_scheduler, undecidable_keys
 from ..timing import StageTimer
 from .freeu import FreeUOption
+from .lora_scales import LoraScales
 from .vae_options import VaeTiling
 
 logger = logging.getLogger("latentrt")
@@ -57,7 +58,7 @@ def _call_attribute(name: str, doc: str) -> property:
     return property(lambda self: getattr(self._call, name), lambda self, v: setattr(self._call, name, v), doc=doc)
 
 
-class BasePipeline(VaeTiling, FreeUOption):
+class BasePipeline(LoraScales, VaeTiling, FreeUOption):
     #: components the pipeline cannot run without / uses when present
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
@@ -235,7 +236,7 @@ class BasePipeline(VaeTiling, FreeUOption):
 
     def text_embeddings(self, prompts: Sequence[str], clip_skip: int | None = None) -> dict[str, np.ndarray]:
         """Run the text encoder; ``hidden`` is what the UNet's cross-attention gets."""
-        out = self.run("text_encoder", input_ids=self.tokenize(prompts))
+        out = self.run("text_encoder", input_ids=self.tokenize(prompts), **self.lora_inputs("text_encoder"))
         if clip_skip is None:
             hidden = out["last_hidden_state"]
         else:

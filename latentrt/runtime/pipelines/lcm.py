@@ -79,15 +79,21 @@ class LCMPipeline(PromptEncoder, BasePipeline):
         vae_slicing: bool | None = None,
         safety_checker: bool | None = None,  # None: the bundle's checker if it has one (runtime/safety.py)
         freeu: Any = None,
+        cross_attention_kwargs: dict | None = None,
+        lora_scale: float | None = None,
+        lora_weights: dict[str, float] | None = None,
         **control,
     ) -> PipelineOutput:
         """``control``: ``control_image`` and the other conditioning arguments of diffusers' ControlNet
         and T2I-Adapter pipelines (see :mod:`.conditioning`). Image-to-image with a control image follows
         ``StableDiffusionControlNetImg2ImgPipeline``, which treats the LCM UNet as a plain one:
         classifier-free guidance when ``guidance_scale > 1`` (negative prompt included), no guidance
-        embedding, and the SD image-to-image cut of the schedule."""
+        embedding, and the SD image-to-image cut of the schedule. ``cross_attention_kwargs={"scale": s}``
+        (alias ``lora_scale``) and ``lora_weights={name: w}``: the LoRA factors of a ``--lora-mode adapter``
+        bundle (:mod:`.lora_scales`)."""
         self.start_call()
         self.set_freeu(freeu)  # (s1, s2, b1, b2): the UNet graph's freeu input (freeu.py)
+        self.select_loras(cross_attention_kwargs, lora_scale, lora_weights)
         self.select_vae(vae, vae_tiling, vae_slicing)  # "full" or "tiny" (TAESD, when the bundle has it)
         self.check_output_type(output_type)
         img2img = image is not None
@@ -134,7 +140,7 @@ class LCMPipeline(PromptEncoder, BasePipeline):
             latents = self.initial_latents(plan, bs, height, width, rng, latents)
         conditioning = req.prepare(self, height, width, batch, num_images_per_prompt, cfg) if req else None
 
-        unet_inputs = {}
+        unet_inputs = self.lora_inputs("unet")  # LoRA adapters' lora_scales ({} without)
         if not sd_like:  # no batch doubling: guidance enters only through the UNet's guidance embedding
             unet_inputs["timestep_cond"] = guidance_scale_embedding(
                 self.per_image_w(guidance_scale, bs), int(self.constants["time_cond_proj_dim"]))

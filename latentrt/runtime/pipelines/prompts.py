@@ -23,13 +23,16 @@ class PromptEncoder:
 
     def encode_prompt(self, prompt: str | list[str], negative_prompt: Any = None, *, clip_skip: int | None = None,
                       num_images_per_prompt: int = 1,
-                      do_classifier_free_guidance: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                      do_classifier_free_guidance: bool | None = None, lora_scale: float | None = None,
+                      lora_weights: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """diffusers' ``encode_prompt``: ``(prompt_embeds, negative_prompt_embeds)``, each repeated per image.
 
         The negative embeddings (of ``negative_prompt``, default "") are made when classifier-free
         guidance is on (by default, except for LCM), else ``None``. As in diffusers, ``clip_skip`` applies
         to the prompt only. Pass the results as ``prompt_embeds=`` / ``negative_prompt_embeds=`` (with
-        ``num_images_per_prompt=1`` if they were repeated here already)."""
+        ``num_images_per_prompt=1`` if they were repeated here already). ``lora_scale`` / ``lora_weights``:
+        the LoRA factors of a ``--lora-mode adapter`` bundle's text encoder, as in a call (:mod:`.lora_scales`)."""
+        self.select_loras(None, lora_scale, lora_weights)
         if prompt is None:
             raise ValueError("encode_prompt needs a prompt (str or list of str)")
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:

@@ -60,6 +60,9 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
         vae_slicing: bool | None = None,
         safety_checker: bool | None = None,  # None: the bundle's checker if it has one (runtime/safety.py)
         freeu: Any = None,
+        cross_attention_kwargs: dict | None = None,
+        lora_scale: float | None = None,
+        lora_weights: dict[str, float] | None = None,
         **control,
     ) -> PipelineOutput:
         """diffusers' argument names and defaults (50 steps, guidance 7.5, strength 0.8, eta 0).
@@ -69,9 +72,12 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
         ``vae``: ``"full"`` or ``"tiny"`` (the bundle's TAESD, when exported with ``--tiny-vae``).
         ``control``: ``control_image`` and the other arguments of diffusers' ControlNet / T2I-Adapter
         pipelines (:mod:`.conditioning`); with ``image`` it is ``StableDiffusionControlNetImg2ImgPipeline``.
+        ``cross_attention_kwargs={"scale": s}`` (alias ``lora_scale``) and ``lora_weights={name: w}``: the LoRA
+        factors of a ``--lora-mode adapter`` bundle (:mod:`.lora_scales`).
         """
         self.start_call()
         self.set_freeu(freeu)  # (s1, s2, b1, b2): the UNet graph's freeu input (freeu.py)
+        self.select_loras(cross_attention_kwargs, lora_scale, lora_weights)
         self.select_vae(vae, vae_tiling, vae_slicing)
         self.check_output_type(output_type)
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
@@ -113,5 +119,6 @@ class StableDiffusionPipeline(PromptEncoder, BasePipeline):
 
         latents = denoise(self, sched, plan, latents, embeds, rng, guidance_scale=guidance_scale,
                           guidance_rescale=guidance_rescale, eta=eta, callback_on_step_end=callback_on_step_end,
-                          callback=callback, **ip_denoise_args(ip, self, bs, cfg, None, conditioning))
+                          callback=callback,
+                          **ip_denoise_args(ip, self, bs, cfg, self.lora_inputs("unet"), conditioning))
         return self.end_call(self.finish(latents, output_type, safety_checker))

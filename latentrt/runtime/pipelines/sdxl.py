@@ -96,7 +96,7 @@ class SDXLPipeline(BasePipeline):
         for p, n in zip(prompts, tokenizer.untruncated_length(list(prompts))):
             if n > tokenizer.model_max_length:
                 logger.warning("prompt truncated to %d CLIP tokens (it has %d): %r", tokenizer.model_max_length, n, p)
-        out = self.run(component, input_ids=ids)
+        out = self.run(component, input_ids=ids, **self.lora_inputs(component))
         stack = out["hidden_states"]  # hidden_states[:-1]: embeddings .. penultimate layer
         skip = 0 if clip_skip is None else clip_skip
         if isinstance(skip, bool) or not isinstance(skip, (int, np.integer)) or not 0 <= skip < stack.shape[0]:
@@ -139,12 +139,15 @@ class SDXLPipeline(BasePipeline):
     def encode_prompt(self, prompt: str | list[str], prompt_2: str | list[str] | None = None,
                       negative_prompt: str | list[str] | None = None,
                       negative_prompt_2: str | list[str] | None = None, *, clip_skip: int | None = None,
-                      num_images_per_prompt: int = 1, do_classifier_free_guidance: bool | None = None):
+                      num_images_per_prompt: int = 1, do_classifier_free_guidance: bool | None = None,
+                      lora_scale: float | None = None, lora_weights: dict[str, float] | None = None):
         """diffusers' SDXL ``encode_prompt``: ``(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
         negative_pooled_prompt_embeds)``, each repeated per image, for the call arguments of the same names.
 
         The negatives (zeros without a negative prompt when the model has ``force_zeros_for_empty_prompt``)
-        are made when classifier-free guidance is on (by default, unless the UNet is an LCM's), else ``None``."""
+        are made when classifier-free guidance is on (by default, unless the UNet is an LCM's), else ``None``.
+        ``lora_scale`` / ``lora_weights``: the LoRA factors of a ``--lora-mode adapter`` bundle's text encoders."""
+        self.select_loras(None, lora_scale, lora_weights)
         prompts, batch = self.prompt_list(prompt, None)
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
@@ -207,12 +210,18 @@ class SDXLPipeline(BasePipeline):
         vae_slicing: bool | None = None,
         safety_checker: bool | None = None,  # None: the bundle's checker if it has one (runtime/safety.py)
         freeu: Any = None,
+        cross_attention_kwargs: dict | None = None,
+        lora_scale: float | None = None,
+        lora_weights: dict[str, float] | None = None,
         **control,
     ) -> PipelineOutput:
         """``control``: ``control_image`` and the other arguments of ``StableDiffusionXLControlNetPipeline``
-        / ``StableDiffusionXLAdapterPipeline`` (:mod:`.conditioning`), text-to-image only."""
+        / ``StableDiffusionXLAdapterPipeline`` (:mod:`.conditioning`), text-to-image only.
+        ``cross_attention_kwargs={"scale": s}`` (alias ``lora_scale``) and ``lora_weights={name: w}``: the LoRA
+        factors of a ``--lora-mode adapter`` bundle (:mod:`.lora_scales`), applied to both text encoders and the UNet."""
         self.start_call()
         self.set_freeu(freeu)  # (s1, s2, b1, b2): the UNet graph's freeu input (freeu.py)
+        self.select_loras(cross_attention_kwargs, lora_scale, lora_weights)
         self.select_vae(vae, vae_tiling, vae_slicing)
         self.check_output_type(output_type)
         img2img = image is not None
@@ -304,7 +313,7 @@ class SDXLPipeline(BasePipeline):
             N = int(getattr(sched, "num_train_timesteps", 1000))
             cutoff = int(round(N - denoising_end * N))
             plan = dataclasses.replace(plan, timesteps=plan.timesteps[: int((plan.timesteps >= cutoff).sum())])
-        unet_inputs = {"text_embeds": pooled, "time_ids": time_ids}
+        unet_inputs = {"text_embeds": pooled, "time_ids": time_ids, **self.lora_inputs("unet")}
         if self.time_cond_proj_dim:
             unet_inputs["timestep_cond"] = guidance_scale_embedding(
                 np.full(bs, guidance_scale - 1.0, dtype=np.float32), int(self.time_cond_proj_dim))
