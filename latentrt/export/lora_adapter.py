@@ -167,18 +167,23 @@ class LoraScalesInput(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.index = int(index)
-        self.holder = holder
+        # the holders the wrapped model's branches read: ``holder``, and any other that a copy of the model
+        # made (copy.deepcopy copies the holder too: the IP-Adapter's UNet twin is such a copy)
+        found = {id(m.holder): m.holder for m in inner.modules() if isinstance(m, LoraBranch)}
+        self.holders = list({id(holder): holder, **found}.values())
 
     @property
     def unet(self):  # what export helpers read off a UNet wrapper (memory_facts)
         return getattr(self.inner, "unet", None)
 
     def forward(self, *args):
-        self.holder.scales = args[self.index]
+        for h in self.holders:
+            h.scales = args[self.index]
         try:
             return self.inner(*args[:self.index], *args[self.index + 1:])
         finally:
-            self.holder.scales = None
+            for h in self.holders:
+                h.scales = None
 
 
 @dataclass
