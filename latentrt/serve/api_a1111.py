@@ -14,6 +14,7 @@ import json
 from typing import Any, Mapping
 
 from .api_openai import decode_image, encode
+from .call_options import a1111_lora_tags, option_params
 from .errors import BadRequest, NotSupported, status_of
 from .worker import Job
 
@@ -104,6 +105,7 @@ def job(body: Mapping, *, img2img: bool, known_schedulers: list[str] | None = No
     prompt = body.get("prompt", "")
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string")
+    prompt, lora_tags = a1111_lora_tags(prompt)  # <lora:NAME:WEIGHT> (call_options.py)
     seed = _int(body, "seed", -1)
     n = (_int(body, "batch_size", 1) or 1) * (_int(body, "n_iter", 1) or 1)
     params = {k: v for k, v in {
@@ -112,6 +114,7 @@ def job(body: Mapping, *, img2img: bool, known_schedulers: list[str] | None = No
         "scheduler": scheduler_name(body.get("sampler_name") or body.get("sampler_index"), body.get("scheduler"),
                                     known_schedulers),
     }.items() if v is not None}
+    params.update(option_params(body, lora_tags))
     image = None
     if img2img:
         images = body.get("init_images")

@@ -4,7 +4,8 @@ errors -> the JSON (and server-sent events) the official ``openai`` client reads
 ``POST /v1/images/generations`` (JSON), ``POST /v1/images/edits`` (multipart: image-to-image, or the
 upscaler), ``GET /v1/models``. latentrt's own arguments travel in the client's ``extra_body``:
 ``negative_prompt``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``scheduler`` (a diffusers
-class name), and ``strength`` for edits.
+class name), and ``strength`` for edits; on LoRA-adapter and FreeU bundles ``lora_scale``, ``lora_weights``
+and ``freeu`` (:mod:`.call_options`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .call_options import option_params
 from .errors import BadRequest, NotSupported, status_of
 from .preview import latent_preview
 from .worker import Job
@@ -105,6 +107,7 @@ def _common(body: Mapping, *, edit: bool) -> tuple[dict, dict]:
         "scheduler": scheduler,
         **({"strength": _number(body, "strength", float)} if edit else {}),
     }.items() if v is not None}
+    params.update(option_params(body))  # lora_scale, lora_weights, freeu (call_options.py)
     job = dict(prompt=prompt, n=_number(body, "n", int, 1), seed=_number(body, "seed", int),
                negative_prompt=negative, params=params)
     answer = dict(model=body.get("model") or None, stream=_flag(body, "stream"), partial_images=partial,

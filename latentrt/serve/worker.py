@@ -44,7 +44,8 @@ logger = logging.getLogger("latentrt.serve")
 #: pipeline kinds whose calls take a list of prompts and a per-image generator (batchable)
 BATCHABLE = ("lcm", "sd", "sdxl")
 #: call arguments shared by a batch (the rest, prompt / negative prompt / seed / image, are per job)
-SHARED = ("height", "width", "num_inference_steps", "guidance_scale", "scheduler", "strength", "vae")
+SHARED = ("height", "width", "num_inference_steps", "guidance_scale", "scheduler", "strength", "vae",
+          "lora_scale", "lora_weights", "freeu")  # the last three: call_options.py
 MAX_IMAGES_PER_REQUEST = 10
 _seeds = np.random.default_rng()
 
@@ -229,6 +230,13 @@ class Worker:
             g = p["guidance_scale"]
             if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
                 raise TypeError(f"guidance_scale must be a number; got {g!r}")
+        for name in ("lora_scale", "lora_weights", "freeu"):
+            if name in job.params and name not in self.accepts:
+                raise ValueError(f"{name}: the {self.kind} pipeline of model {self.name!r} takes no {name}")
+        if "lora_scale" in job.params or "lora_weights" in job.params:  # the bundle's LoRA names, numbers
+            self.pipe.check_lora_arguments(lora_scale=p.get("lora_scale"), lora_weights=p.get("lora_weights"))
+        if "freeu" in job.params:  # the UNet graph must take FreeU
+            self.pipe.check_freeu_argument(p["freeu"])
 
     def submit(self, job: Job) -> Future:
         """Queue ``job`` (after :meth:`check`); its ``future`` gets a :class:`Result` or the error.

@@ -71,8 +71,9 @@ class FreeUOption:
             raise FreeUError(f"{self.bundle.path}: FreeU needs a UNet graph with a freeu input, and this bundle's has "
                              f"none; {REEXPORT}")
 
-    def set_freeu(self, freeu=None) -> None:
-        """This thread's call: ``freeu`` (None: the pipeline's default; False: off)."""
+    def check_freeu_argument(self, freeu=None) -> tuple | None:
+        """The FreeU factors a call with ``freeu`` runs (None: the pipeline's default; False: off), or a
+        :class:`FreeUError`; no state changes (a server checks a request with it before queueing)."""
         if freeu is None:
             value = self.freeu_default
         elif freeu is False:
@@ -82,7 +83,11 @@ class FreeUOption:
             self._require_freeu_input()
         if value is not None and not all(value):  # diffusers: FreeU runs only when s1 and s2 and b1 and b2
             value = None
-        self._call.freeu = value
+        return value
+
+    def set_freeu(self, freeu=None) -> None:
+        """This thread's call: ``freeu`` (None: the pipeline's default; False: off)."""
+        self._call.freeu = self.check_freeu_argument(freeu)
 
     def freeu_inputs(self, component: str, spec_inputs, inputs: dict) -> dict:
         """``inputs`` plus the ``freeu`` input when the component's graph takes one. A UNet graph

@@ -111,10 +111,15 @@ class LoraScales:
         table = _table(self.bundle.manifest)
         return table[0] if table else []
 
+    def check_lora_arguments(self, cross_attention_kwargs: Any = None, lora_scale: Any = None,
+                             lora_weights: Any = None) -> np.ndarray | None:
+        """The ``lora_scales`` these arguments give (None: a bundle without LoRA adapters), or a
+        :class:`LoraArgumentError`; no state changes (a server checks a request with it before queueing)."""
+        return resolve_lora_scales(_table(self.bundle.manifest), cross_attention_kwargs, lora_scale, lora_weights)
+
     def select_loras(self, cross_attention_kwargs: Any = None, lora_scale: Any = None, lora_weights: Any = None):
         """Check the call's LoRA arguments and make them this call's (this thread's) factors."""
-        self._call.lora_scales = resolve_lora_scales(_table(self.bundle.manifest), cross_attention_kwargs,
-                                                     lora_scale, lora_weights)
+        self._call.lora_scales = self.check_lora_arguments(cross_attention_kwargs, lora_scale, lora_weights)
 
     def lora_inputs(self, component: str) -> dict[str, np.ndarray]:
         """``{"lora_scales": ...}`` when ``component``'s graph takes it (else {}): the call's factors, or
