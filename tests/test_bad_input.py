@@ -107,6 +107,8 @@ def test_unverified_corrupt_model_still_gets_a_clear_error(bundle_copy):
     (dict(output_type="tensor"), r"output_type must be 'pil', 'np' or 'latent'"),
     (dict(clip_skip=7), r"clip_skip must be in \[0, 2\]"),
     (dict(latents=np.zeros((1, 4, 4, 4), np.float32)), r"latents have shape \(1, 4, 4, 4\); expected \(1, 4, 8, 8\)"),
+    (dict(generator=-1), r"an int seed \(generator=\) must be >= 0; got -1"),
+    (dict(generator=[0, np.int64(-3)]), r"must be >= 0; got -3"),
 ])
 def test_bad_arguments(pipe, kw, pattern):
     kw = {"prompt": "a cat", "output_type": "np", **kw}

@@ -66,6 +66,8 @@ def as_noise_source(generator: Any = None) -> NoiseSource:
     if generator is None:
         return np.random.default_rng()
     if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        if generator < 0:  # numpy's SeedSequence takes non-negative integers only
+            raise ValueError(f"an int seed (generator=) must be >= 0; got {int(generator)} (use None for a random seed)")
         return np.random.default_rng(int(generator))
     if isinstance(generator, (list, tuple)):
         return PerSampleNoise([as_noise_source(g) for g in generator])

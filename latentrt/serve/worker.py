@@ -210,6 +210,8 @@ class Worker:
             raise ValueError(f"n (images per request) must be an integer in [1, {MAX_IMAGES_PER_REQUEST}]; got {job.n!r}")
         if isinstance(job.seed, bool) or not isinstance(job.seed, int):
             raise TypeError(f"seed must be an integer; got {job.seed!r}")
+        if job.seed < 0:
+            raise ValueError(f"seed must be >= 0; got {job.seed} (leave it out for a random one)")
         unknown = set(job.params) - set(SHARED)
         if unknown:
             raise ValueError(f"unknown arguments {sorted(unknown)}")

@@ -46,6 +46,7 @@ def _running_step(url, headers=None) -> int:
     ({"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps must be a positive integer"),
     ({"prompt": "x", "num_inference_steps": "four"}, 400, "must be an integer"),
     ({"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale must be a number"),
+    ({"prompt": "x", "seed": -5}, 400, "seed must be >= 0"),
     ({"prompt": "x", "size": "big"}, 400, "WIDTHxHEIGHT"),
     ({"prompt": "x", "size": "68x64"}, 400, "multiple of 8"),
     ({"prompt": "x", "size": "512x512"}, 400, "above the sizes this bundle supports"),
