@@ -55,7 +55,8 @@ def run(args, bundles: dict) -> int:
                   engine_options={k: v for k, v in engine_options(args).items() if k != "threads"},
                   max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                   timeout_s=args.timeout_s or None, api_key=args.api_key,
-                  max_body_bytes=int(args.max_body_mb * (1 << 20)), warmup=not args.no_warmup)
+                  max_body_bytes=int(args.max_body_mb * (1 << 20)), warmup=not args.no_warmup,
+                  safety_checker={"on": True, "off": False}.get(getattr(args, "safety_checker", None)))
     ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False,
              **({} if args.ray_address else {"_node_ip_address": "127.0.0.1"}))
     # ray.init installs a SIGTERM handler that exits at once (code 15); ours, from here on, shuts the

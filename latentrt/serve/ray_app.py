@@ -190,7 +190,7 @@ def ray_app(bundles: dict[str, Any] | list, *, replicas: int = 1, autoscale: tup
             backend: str = "onnxruntime", device: str = "cpu", engine_options: dict | None = None,
             max_batch: int = 4, batch_wait_ms: float = 20.0, max_queue: int = 32, timeout_s: float | None = 300.0,
             api_key: str | None = None, max_body_bytes: int = 20 << 20, warmup: bool = True,
-            health_check_period_s: float = 10.0):
+            health_check_period_s: float = 10.0, safety_checker: bool | None = None):
     """A Ray Serve application serving ``bundles`` (``{name: path}``, or paths named by their folders)
     with the routes of ``latentrt serve``; pass it to ``serve.run``.
 
@@ -198,7 +198,8 @@ def ray_app(bundles: dict[str, Any] | list, *, replicas: int = 1, autoscale: tup
     ``num_cpus`` / ``num_gpus`` and runs its engines with ``threads`` intra-op threads (default: its
     ``num_cpus``). ``multiplex=K`` loads models on demand, at most ``K`` per replica; 0 loads all.
     ``max_queued_requests`` wait at each proxy once every replica is full; past them Serve answers 429
-    with ``Retry-After: retry_after_s``. The rest are the single-machine server's settings."""
+    with ``Retry-After: retry_after_s``. The rest are the single-machine server's settings
+    (``safety_checker``: None runs each bundle's checker if it has one, True requires one, False none)."""
     if isinstance(bundles, (list, tuple)):
         bundles = {Path(p).resolve().name: p for p in bundles}
     if not bundles:
@@ -217,7 +218,7 @@ def ray_app(bundles: dict[str, Any] | list, *, replicas: int = 1, autoscale: tup
     threads = threads or max(1, int(num_cpus))
     server_options = dict(backend=backend, device=device, engine_options={"threads": threads, **(engine_options or {})},
                           max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
-                          api_key=api_key, max_body_bytes=max_body_bytes, warmup=warmup)
+                          api_key=api_key, max_body_bytes=max_body_bytes, warmup=warmup, safety_checker=safety_checker)
     per_replica = (max(0, max_queue) + 1) * (min(len(bundles), multiplex) if multiplex else len(bundles))
     scaling = (dict(autoscaling_config=AutoscalingConfig(min_replicas=low, max_replicas=high,
                                                          target_ongoing_requests=max(1, max_batch)))

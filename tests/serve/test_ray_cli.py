@@ -18,7 +18,8 @@ pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip ins
 
 
 def test_serve_ray_command_serves_the_library_images_and_stops_cleanly(lcm_bundle):
-    s = ServerProcess(f"lcm={lcm_bundle}", "--ray", "--replicas", "1", "--max-batch", "2", timeout_s=240)
+    s = ServerProcess(f"lcm={lcm_bundle}", "--ray", "--replicas", "1", "--max-batch", "2",
+                      "--safety-checker", "off", timeout_s=240)
     try:
         r = httpx.post(s.url + "/v1/images/generations", timeout=120,
                        json={"prompt": "a lighthouse", "size": "64x64", "seed": 11, "num_inference_steps": 2})
