@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import re
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from latentrt.bench.interleaved import interleaved
 
 VARIANTS = ("plain", "freeu_off", "freeu_on")
 SD15_FREEU = (0.9, 0.2, 1.5, 1.6)
@@ -90,19 +91,8 @@ def ab(g: dict, *, rounds: int, warmup: int, threads: int, size: int, progress=p
              "freeu_off": lambda: engines["freeu"](**x, freeu=np.ones(4, np.float32)),
              "freeu_on": lambda: engines["freeu"](**x, freeu=np.asarray(SD15_FREEU, np.float32))}
     outs = {v: calls[v]()["out_sample"] for v in VARIANTS}  # first call + numerical check
-    for _ in range(warmup - 1):
-        for v in VARIANTS:
-            calls[v]()
-    times = {v: [] for v in VARIANTS}
-    for r in range(rounds):
-        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
-        for v in order:
-            t0 = time.perf_counter()
-            calls[v]()
-            times[v].append(time.perf_counter() - t0)
-        progress(f"round {r + 1}/{rounds}: " + ", ".join(f"{v} {times[v][-1]:.3f}s" for v in VARIANTS))
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    best = {v: min(times[v]) for v in VARIANTS}
+    timed = interleaved(calls, rounds=rounds, warmup=warmup - 1, progress=progress)
+    times, med, best = timed["times_s"], timed["median_s"], timed["min_s"]
     result = {"backend": "onnxruntime", "precision": "fp32", "size": size, "threads": threads, "rounds": rounds,
               "median_s": med, "min_s": best, "times_s": times,
               "ratio_median": {v: med[v] / med["plain"] for v in VARIANTS[1:]},
@@ -110,7 +100,7 @@ def ab(g: dict, *, rounds: int, warmup: int, threads: int, size: int, progress=p
               "max_abs_off_vs_plain": float(np.abs(outs["freeu_off"] - outs["plain"]).max()),
               "max_abs_on_vs_plain": float(np.abs(outs["freeu_on"] - outs["plain"]).max()),
               "freeu_on": list(SD15_FREEU)}
-    del engines
+    engines.clear()  # free the compiled models before the next backend loads
     gc.collect()
     return result
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from latentrt.bench.interleaved import interleaved, unet_step_engine
 
 VARIANTS = ("old", "new")
 
@@ -82,17 +83,6 @@ def export_variants(cache: Path, progress=print, channels: tuple[int, ...] | Non
     return out
 
 
-def make_engine(backend: str, path: Path, spec, threads: int, scratch: Path):
-    if backend == "onnxruntime":
-        from latentrt.runtime.engines.onnxruntime import OrtEngine
-
-        return OrtEngine("unet", path, spec.inputs, spec.outputs, threads=threads, optimized_cache=False)
-    from latentrt.runtime.engines.openvino import OpenVINOEngine
-
-    return OpenVINOEngine("unet", path, spec.inputs, spec.outputs, threads=threads, precision="bf16",
-                          cache_dir=scratch / path.parent.parent.name)
-
-
 def inputs(size: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     n = size // 8
@@ -107,28 +97,19 @@ def ab(backend: str, graphs: dict, *, rounds: int, warmup: int, threads: int, si
     engines = {}
     for v in VARIANTS:
         t0 = time.perf_counter()
-        engines[v] = make_engine(backend, graphs[v][0], graphs[v][1], threads, scratch)
+        engines[v] = unet_step_engine(backend, graphs[v][0], graphs[v][1], threads, scratch)
         progress(f"{backend}: loaded {v} in {time.perf_counter() - t0:.1f}s")
     x = inputs(size)
     outs = {v: engines[v](**x)["out_sample"] for v in VARIANTS}  # first call + numerical check
-    for _ in range(warmup - 1):
-        for v in VARIANTS:
-            engines[v](**x)
-    times = {v: [] for v in VARIANTS}
-    for r in range(rounds):
-        for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
-            t0 = time.perf_counter()
-            engines[v](**x)
-            times[v].append(time.perf_counter() - t0)
-        progress(f"{backend}: round {r + 1}/{rounds}: " + ", ".join(f"{v} {times[v][-1]:.3f}s" for v in VARIANTS))
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    best = {v: min(times[v]) for v in VARIANTS}  # the least disturbed by other load on a shared machine
+    timed = interleaved({v: (lambda v=v: engines[v](**x)) for v in VARIANTS}, rounds=rounds, warmup=warmup - 1,
+                        progress=progress, label=f"{backend}: ")
+    times, med, best = timed["times_s"], timed["median_s"], timed["min_s"]  # min: the least disturbed by other load
     result = {"backend": backend, "precision": "fp32" if backend == "onnxruntime" else engines["new"].precision,
               "size": size, "threads": threads, "rounds": rounds,
               "median_s": med, "min_s": best, "times_s": times, "ratio_new_over_old": med["new"] / med["old"],
               "ratio_of_min": best["new"] / best["old"],
               "max_abs_new_vs_old": float(np.abs(outs["new"] - outs["old"]).max())}
-    del engines
+    engines.clear()  # free the compiled models before the next backend loads
     gc.collect()
     return result
 
