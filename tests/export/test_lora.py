@@ -19,22 +19,6 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    from latentrt.export.tiny import save_tiny_sd
-
-    return save_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
-
-
-@pytest.fixture(scope="module")
-def base(sd_dir):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def lora_files(base, tmp_path_factory):
     from latentrt.export.tiny import save_tiny_lora
 
