@@ -5,12 +5,13 @@ errors -> the JSON (and server-sent events) the official ``openai`` client reads
 upscaler), ``GET /v1/models``. latentrt's own arguments travel in the client's ``extra_body``:
 ``negative_prompt``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``scheduler`` (a diffusers
 class name), and ``strength`` for edits; on LoRA-adapter and FreeU bundles ``lora_scale``, ``lora_weights``
-and ``freeu`` (:mod:`.call_options`).
+and ``freeu`` (:mod:`.call_options`); on IP-Adapter bundles ``ip_adapter_image`` (base64) and ``ip_adapter_scale``.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import time
 from dataclasses import dataclass
@@ -108,6 +109,12 @@ def _common(body: Mapping, *, edit: bool) -> tuple[dict, dict]:
         **({"strength": _number(body, "strength", float)} if edit else {}),
     }.items() if v is not None}
     params.update(option_params(body))  # lora_scale, lora_weights, freeu (call_options.py)
+    ip = body.get("ip_adapter_image")
+    if ip is not None:  # an image prompt for IP-Adapter bundles: base64 (an upload field on /edits)
+        params["ip_adapter_image"] = decode_image(ip if isinstance(ip, bytes) else _b64(ip, "ip_adapter_image"),
+                                                  "ip_adapter_image")
+    if body.get("ip_adapter_scale") is not None:
+        params["ip_adapter_scale"] = _number(body, "ip_adapter_scale", float)
     job = dict(prompt=prompt, n=_number(body, "n", int, 1), seed=_number(body, "seed", int),
                negative_prompt=negative, params=params)
     answer = dict(model=body.get("model") or None, stream=_flag(body, "stream"), partial_images=partial,
@@ -120,6 +127,15 @@ def generation_call(body: Mapping) -> ImagesCall:
     job, answer = _common(body, edit=False)
     job["params"].update(parse_size(body.get("size")))
     return ImagesCall(job=Job(**job), **answer)
+
+
+def _b64(text: Any, name: str) -> bytes:
+    if not isinstance(text, str):
+        raise BadRequest(f"{name} must be a base64-encoded image (a string)")
+    try:
+        return base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
+    except (ValueError, binascii.Error):
+        raise BadRequest(f"{name} is not valid base64; send the image file's bytes base64-encoded") from None
 
 
 def decode_image(data: bytes, name: str = "image"):

@@ -93,3 +93,62 @@ def test_field_parsing():
         option_params({"lora_weights": {"a": 1}}, {"b": 1.0})
     job = a1111_job({"prompt": "x <lora:style:0.2>", "freeu": FREEU}, img2img=False)
     assert job.prompt == "x" and job.params["lora_weights"] == {"style": 0.2} and job.params["freeu"] == FREEU
+
+
+@pytest.fixture(scope="module")
+def ip_bundle(tmp_path_factory):
+    """The tiny LCM with a tiny IP-Adapter (its weight file on disk, as diffusers writes it)."""
+    from latentrt.export.bundle import export_bundle
+    from latentrt.export.tiny import tiny_lcm_pipeline
+    from latentrt.export.tiny_ip_adapter import save_tiny_ip_adapter
+
+    root = tmp_path_factory.mktemp("ip")
+    pipe = tiny_lcm_pipeline(0)
+    export_bundle(None, root / "bundle", pipe=pipe, check="off", progress=lambda *_: None,
+                  ip_adapter=save_tiny_ip_adapter(root / "ip", pipe.unet))
+    return root / "bundle"
+
+
+def test_openai_image_prompt_reaches_the_pipeline(ip_bundle):
+    import base64
+    import io
+
+    from PIL import Image
+
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    server = Server({"ip": Worker("ip", latentrt.load(ip_bundle)).start()})
+    server.ready = True
+    try:
+        client = TestClient(create_app(server))
+        body = {"prompt": "a fox", "size": "64x64", "seed": 5, "num_inference_steps": 2}
+        plain = png_array(client.post("/v1/images/generations", json=body).json()["data"][0]["b64_json"])
+        r = client.post("/v1/images/generations", json={**body, "ip_adapter_image": b64, "ip_adapter_scale": 0.8})
+        assert r.status_code == 200, r.text
+        got = png_array(r.json()["data"][0]["b64_json"])
+        want = _library(ip_bundle, ip_adapter_image=Image.open(io.BytesIO(buf.getvalue())).convert("RGB"),
+                        ip_adapter_scale=0.8)
+        assert np.array_equal(got, want) and not np.array_equal(got, plain)
+        for extra, words in [({"ip_adapter_image": "not base64!"}, "not valid base64"),
+                             ({"ip_adapter_image": base64.b64encode(b"junk").decode()}, "does not decode"),
+                             ({"ip_adapter_scale": 0.5}, "needs an image prompt"),
+                             ({"ip_adapter_image": b64, "ip_adapter_scale": "lots"}, "must be a number")]:
+            bad = client.post("/v1/images/generations", json={**body, **extra})
+            assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text
+    finally:
+        server.stop()
+
+
+def test_image_prompt_on_a_bundle_without_an_ip_adapter_is_a_400(client):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="PNG")
+    r = client.post("/v1/images/generations", json={"model": "plain", "prompt": "a fox", "size": "64x64",
+                                                    "ip_adapter_image": base64.b64encode(buf.getvalue()).decode()})
+    assert r.status_code == 400 and "has no IP-Adapter" in r.json()["error"]["message"], r.text
