@@ -58,6 +58,19 @@ def _call_attribute(name: str, doc: str) -> property:
     return property(lambda self: getattr(self._call, name), lambda self, v: setattr(self._call, name, v), doc=doc)
 
 
+def _create_engines(bundle: Bundle, names: list[str], backend: str, device: str, options: dict) -> dict:
+    """Every named component's engine. On the CPU backends they are created in parallel threads (their
+    compilers release the GIL), so a new process waits for the slowest component (the UNet), not the sum;
+    elsewhere (GPU contexts, the torch backend) one after the other."""
+    if backend not in ("onnxruntime", "openvino") or device != "cpu" or len(names) < 2:
+        return {c: bundle.engine(c, backend, device, **options) for c in names}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="latentrt-load") as pool:
+        futures = {c: pool.submit(bundle.engine, c, backend, device, **options) for c in names}
+        return {c: f.result() for c, f in futures.items()}  # the first failure is raised, named as the engine names it
+
+
 class BasePipeline(LoraScales, VaeTiling, FreeUOption):
     #: components the pipeline cannot run without / uses when present
     required: tuple[str, ...] = ()
@@ -91,7 +104,7 @@ class BasePipeline(LoraScales, VaeTiling, FreeUOption):
         if missing:
             raise ValueError(f"{bundle.path}: a {type(self).__name__} needs components {missing} that this bundle lacks")
         names = [c for c in (*self.required, *self.optional) if bundle.has(c)]
-        self.engines = {c: bundle.engine(c, backend, device, **engine_options) for c in names}
+        self.engines = _create_engines(bundle, names, backend, device, engine_options)
         self._engine_options = dict(engine_options)  # for engines created later (the tiny VAE)
         self._engines_lock = threading.Lock()
         self._call = CallState()
