@@ -65,7 +65,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, __file__, a.bundle, "--child", shapes, "--precision", a.precision, "--vae", a.vae,
                    "--size", str(a.size), "--steps", str(a.steps), "--threads", str(a.threads)]
             t0 = time.perf_counter()
-            r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            r = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", env=dict(os.environ))
             wall = time.perf_counter() - t0
             if r.returncode != 0:
                 print(json.dumps({"shapes": shapes, "run": run, "error": r.stderr.strip()[-800:]}), flush=True)

@@ -54,7 +54,7 @@ def start_server(bundle: str, max_batch: int, args, ray_replicas: int = 0) -> tu
         cmd += ["--threads", str(args.threads)]
     if ray_replicas:
         cmd += ["--ray", "--replicas", str(ray_replicas)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + args.start_timeout_s
     while time.monotonic() < end:

@@ -256,7 +256,7 @@ def test_cached_optimized_model_with_external_data_out_of_the_cache_is_refused(b
 
 def _info_verify(bundle):
     return subprocess.run([sys.executable, "-m", "latentrt.cli", "info", str(bundle), "--verify"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def test_info_verify_reports_paths_outside(bundle_copy, tmp_path):

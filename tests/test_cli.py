@@ -12,7 +12,7 @@ from PIL import Image
 
 
 def cli(*args, cwd=None, check=True):
-    r = subprocess.run([sys.executable, "-m", "latentrt.cli", *map(str, args)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "latentrt.cli", *map(str, args)], capture_output=True, text=True, encoding="utf-8", errors="replace",
                        cwd=cwd, timeout=600)
     if check:
         assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"

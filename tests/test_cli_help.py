@@ -20,7 +20,7 @@ def _subparsers():
 
 
 def test_top_level_help_is_one_plain_sentence():
-    out = subprocess.run([sys.executable, "-m", "latentrt.cli", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "latentrt.cli", "--help"], capture_output=True, text=True, encoding="utf-8", errors="replace",
                          timeout=120, check=True).stdout
     assert "\n" not in DESCRIPTION and DESCRIPTION.endswith(".")
     assert " ".join(DESCRIPTION.split()[:4]) in " ".join(out.split())

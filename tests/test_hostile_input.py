@@ -359,6 +359,6 @@ def test_cli_bad_input_is_one_line_before_any_progress_bar(lcm_bundle, tmp_path,
     import sys
 
     r = subprocess.run([sys.executable, "-m", "latentrt.cli", "generate", str(lcm_bundle), "a cat", "-o",
-                        str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=120)
+                        str(tmp_path / "out"), *extra], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode == 2 and r.stderr.startswith(message), r.stderr
     assert "Traceback" not in r.stderr and "step/s" not in r.stderr  # no progress bar was drawn

@@ -35,7 +35,7 @@ assert not bad, bad
 
 
 def test_cpu_bundle_runs_without_torch_diffusers_transformers(lcm_bundle):
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(lcm_bundle)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(lcm_bundle)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "IMPORTED []" in r.stdout
 

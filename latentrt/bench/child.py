@@ -75,7 +75,7 @@ def run_job(cmd: list[str], job_dir: Path, bar, *, env: dict, what: str, context
     system), the exit status and the child's last stderr lines (kept in ``job_dir/stderr.txt``)."""
     t0 = time.perf_counter()
     with open(job_dir / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True, encoding="utf-8", errors="replace", env=env)
         try:
             for line in proc.stdout:  # ends when the child exits (or closes its stdout)
                 if line.startswith(PROTOCOL):

@@ -95,7 +95,7 @@ def gemm_rate(threads: int, *, seconds: float = 0.6, size: int = 2048, timeout: 
     cmd = [sys.executable, "-m", "latentrt.bench.gemm", "--threads", str(threads), "--size", str(size),
            "--seconds", str(seconds)]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=timeout)
         return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-300:]}
     except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
         return {"error": f"{type(e).__name__}: {e}"}

@@ -47,7 +47,7 @@ def run_probe(bundle, sc, timeout: float = 1800) -> dict:
            sc.backend, "--device", sc.device, "--threads", str(sc.resolved_threads),
            "--engine-options", json.dumps(sc.engine_options)]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+        r = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout, env=dict(os.environ))
         if r.returncode != 0:
             return {"error": r.stderr.strip()[-500:]}
         return json.loads(r.stdout.strip().splitlines()[-1])

@@ -201,7 +201,7 @@ def _run_peer(python: Path, args: list[str], tmp: Path) -> str:
     import subprocess
 
     script = Path(__file__).with_name("peer_run.py")
-    r = subprocess.run([str(python), str(script), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    r = subprocess.run([str(python), str(script), *args], capture_output=True, text=True, encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL,
                        env=peer_env(_source_link(tmp)))
     if r.returncode != 0:
         tail = "\n".join(r.stderr.strip().splitlines()[-20:])

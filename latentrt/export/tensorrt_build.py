@@ -117,7 +117,7 @@ def gpu_compute_capability(device: int = 0) -> str:
 
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
+                             text=True, encoding="utf-8", errors="replace", timeout=30, check=True).stdout.split()
     except (OSError, subprocess.SubprocessError):
         out = []
     if not out:

@@ -180,7 +180,7 @@ def test_read_results_errors(tmp_path):
 # -- the commands ---------------------------------------------------------------------------------
 def _cli(*args, cwd):
     env = {**os.environ, "LATENTRT_THREADS": "2", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "latentrt.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "latentrt.cli", *args], capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=cwd,
                           env=env, timeout=300)
 
 

@@ -191,7 +191,7 @@ def test_unmodified_folder_would_lose_the_text_encoder(tiny_lcm_dir, tmp_path):
             "_, i = CLIPTextModel.from_pretrained(sys.argv[1], output_loading_info=True); "
             "print(json.dumps(len(i['missing_keys'])))")
     r = subprocess.run([str(python_of(EXPORTER)), "-c", code, str(tiny_lcm_dir / "text_encoder")], capture_output=True,
-                       text=True, env=peer_env(_source_link(tmp_path)), check=True)
+                       text=True, encoding="utf-8", errors="replace", env=peer_env(_source_link(tmp_path)), check=True)
     assert json.loads(r.stdout.strip().splitlines()[-1]) > 0
 
 

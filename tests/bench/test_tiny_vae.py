@@ -99,6 +99,6 @@ def test_mismatched_tiny_vae_is_refused(tiny_lcm_dir, tmp_path):
 
 def test_generate_cli_tiny_vae(taesd_bundle, tmp_path):
     r = subprocess.run([sys.executable, "-m", "latentrt.cli", "generate", str(taesd_bundle), "a cat", "--steps", "1",
-                        "--tiny-vae", "--no-progress", "-o", str(tmp_path)], capture_output=True, text=True, timeout=120)
+                        "--tiny-vae", "--no-progress", "-o", str(tmp_path)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "tiny_vae_decoder" in r.stdout and list(tmp_path.glob("*.png"))

@@ -17,7 +17,7 @@ from latentrt.runtime.pipelines.conditioning import ControlInputError
 
 
 def cli(*args, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "latentrt.cli", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "latentrt.cli", *map(str, args)], capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -14,7 +14,7 @@ from latentrt.check import compare_arrays, parse_backends
 
 def _check(bundle, *args):
     return subprocess.run([sys.executable, "-m", "latentrt.cli", "check", str(bundle), *args],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
 
 
 def test_check_cpu_backends_pass_and_fail(lcm_bundle):

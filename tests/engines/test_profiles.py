@@ -121,10 +121,10 @@ def test_unknown_profile_and_user_file(tmp_path):
 
 
 def test_profiles_command_lists_and_shows():
-    out = subprocess.run([sys.executable, "-m", "latentrt.cli", "profiles"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "latentrt.cli", "profiles"], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
     assert "sd15-lcm-dynamic" in out.stdout and "sdxl-1024" in out.stdout
     out = subprocess.run([sys.executable, "-m", "latentrt.cli", "profiles", "x2-upscaler"], capture_output=True,
-                         text=True, check=True)
+                         text=True, encoding="utf-8", errors="replace", check=True)
     assert "unet=2" in out.stdout and "vae_decoder=fp32" in out.stdout
 
 

@@ -68,7 +68,7 @@ def test_ckpt_needs_allow_pickle(files, tmp_path):
     with pytest.raises(SingleFileError, match="--allow-pickle"):
         export_bundle(pt, tmp_path / "x", config=str(folder), check="off", progress=lambda *_: None)
     r = subprocess.run([sys.executable, "-m", "latentrt.cli", "export", str(pt), "-o", str(tmp_path / "y"),
-                        "--config", str(folder)], capture_output=True, text=True, timeout=600)
+                        "--config", str(folder)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith("error: ") and "--allow-pickle" in last, r.stderr
     ours = _export(pt, tmp_path / "z", config=str(folder), allow_pickle=True)

@@ -104,7 +104,7 @@ def test_bad_files(sd_files, tmp_path):
     src = save_tiny_sd(tmp_path / "sd")
     r = subprocess.run([sys.executable, "-m", "latentrt.cli", "export", str(src), "-o", str(tmp_path / "c"),
                         "--check", "off", "--textual-inversion", str(sd_files / "a1111.pt")],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith("error: ") and "--allow-pickle" in last
     assert "Traceback" not in r.stderr

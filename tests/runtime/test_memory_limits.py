@@ -110,7 +110,7 @@ print(est, peak() - base)
 
 def test_estimate_is_close_to_the_measured_peak(unbounded_bundle):
     """The UNet estimate against the peak RSS growth of a real call (tiny UNet, 384x384: 2304 tokens)."""
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(unbounded_bundle)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(unbounded_bundle)], capture_output=True, text=True, encoding="utf-8", errors="replace",
                          timeout=120, check=True).stdout.split()
     estimate, measured = map(int, out[-2:])
     assert 0.5 < estimate / measured < 2.0, (estimate, measured)
@@ -132,7 +132,7 @@ def test_under_an_address_space_limit_no_engine_message_leaks(unbounded_bundle, 
     env.pop(limits.ENV_LIMIT, None)
     r = subprocess.run([sys.executable, "-m", "latentrt.cli", "generate", str(unbounded_bundle), "a cat", "--steps", "1",
                         "--no-progress", "-o", str(tmp_path / "out"), *extra],
-                       capture_output=True, text=True, timeout=120, preexec_fn=_limited(3 << 30), env=env)
+                       capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, preexec_fn=_limited(3 << 30), env=env)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: unet: this call"), r.stderr
     assert "address-space limit (RLIMIT_AS)" in r.stderr or "MemAvailable" in r.stderr
@@ -144,7 +144,7 @@ def test_available_memory_sees_rlimit_and_env():
     code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30));"
             "from latentrt.runtime.limits import available_memory; print(*available_memory(), sep='|')")
     env = {k: v for k, v in os.environ.items() if k != limits.ENV_LIMIT}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=60,
                          check=True).stdout.strip()
     n, source = out.split("|")
     assert source == "the address-space limit (RLIMIT_AS)" and 0 < int(n) < 3 << 30
@@ -165,7 +165,7 @@ unet(sample=np.zeros((1, 4, 512, 512), np.float32), timestep=np.zeros(1, np.floa
 def test_engine_allocation_failure_names_component_shapes_and_fix(lcm_bundle, tmp_path):
     """A real ONNX Runtime allocation failure (4096x4096 latents under RLIMIT_AS, the engine called without
     the pipeline's check) comes back as latentrt's error, ORT's message attached, nothing else printed."""
-    r = subprocess.run([sys.executable, "-c", _DIRECT, str(lcm_bundle)], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-c", _DIRECT, str(lcm_bundle)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
                        preexec_fn=_limited(3 << 30), env={**os.environ, "LATENTRT_CACHE": str(tmp_path)})
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]

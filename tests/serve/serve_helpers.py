@@ -31,7 +31,7 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "latentrt.cli", "serve", *args, "--port", str(self.port), "--threads", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", env=env)
         # drained all along: a server that logs more than a pipe holds (Ray does) must never block on it
         self._lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self._lines.extend(self.proc.stdout), daemon=True)

@@ -16,7 +16,7 @@ def test_load_generator_smoke(lcm_bundle, tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--bundle", str(lcm_bundle), "--size", "64x64", "--steps", "2",
                         "--requests", "8", "--concurrency", "1,4", "--batching", "on,off", "--max-batch", "2", "--max-queue", "2",
                         "--max-retry-wait-s", "0.2", "--threads", "1", "--verify", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out.read_text())
     assert [(row["batching"], row["concurrency"]) for row in rows] == [("on", 1), ("on", 4), ("off", 1), ("off", 4)]

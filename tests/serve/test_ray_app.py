@@ -153,6 +153,6 @@ def test_cli_refuses_bad_scaling_options_before_starting_ray(lcm_bundle, flags, 
     import sys
 
     r = subprocess.run([sys.executable, "-m", "latentrt.cli", "serve", str(lcm_bundle), "--ray", *flags],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode != 0 and message in r.stderr, r.stdout + r.stderr
     assert "Traceback" not in r.stderr

@@ -42,6 +42,6 @@ def test_serve_ray_command_serves_the_library_images_and_stops_cleanly(lcm_bundl
 ])
 def test_serve_ray_argument_errors(lcm_bundle, args, words):
     r = subprocess.run([sys.executable, "-m", "latentrt.cli", "serve", f"lcm={lcm_bundle}", "--ray", *args],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode != 0 and words in r.stderr, r.stdout + r.stderr
     assert "Traceback" not in r.stderr

@@ -42,7 +42,7 @@ print("IMPORTED", bad)
 
 
 def test_the_server_runs_without_torch_or_export(lcm_bundle):
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(lcm_bundle)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(lcm_bundle)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "IMPORTED []" in r.stdout
 
