@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentrt.bench.interleaved import interleaved
+from latentrt.bench.interleaved import interleaved, unet_step_engines
 
 VARIANTS = ("plain", "freeu_off", "freeu_on")
 SD15_FREEU = (0.9, 0.2, 1.5, 1.6)
@@ -79,13 +79,7 @@ def inputs(size: int) -> dict[str, np.ndarray]:
 
 
 def ab(g: dict, *, rounds: int, warmup: int, threads: int, size: int, progress=print) -> dict:
-    from latentrt.runtime.engines.onnxruntime import OrtEngine
-
-    engines = {}
-    for name, (path, spec) in g.items():
-        t0 = time.perf_counter()
-        engines[name] = OrtEngine("unet", path, spec.inputs, spec.outputs, threads=threads, optimized_cache=False)
-        progress(f"loaded {name} in {time.perf_counter() - t0:.1f}s")
+    engines = unet_step_engines("onnxruntime", g, threads, progress=progress)
     x = inputs(size)
     calls = {"plain": lambda: engines["plain"](**x),
              "freeu_off": lambda: engines["freeu"](**x, freeu=np.ones(4, np.float32)),

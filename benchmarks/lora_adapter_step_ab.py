@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentrt.bench.interleaved import interleaved, unet_step_engine
+from latentrt.bench.interleaved import interleaved, unet_step_engines
 
 VARIANTS = ("fused", "adapter")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -116,11 +116,7 @@ def inputs(spec, size: int, batch: int) -> dict[str, np.ndarray]:
 
 def ab(backend: str, graphs: dict, *, rounds: int, warmup: int, threads: int, size: int, batch: int, scratch: Path,
        progress=print) -> dict:
-    engines = {}
-    for v in VARIANTS:
-        t0 = time.perf_counter()
-        engines[v] = unet_step_engine(backend, graphs[v][0], graphs[v][1], threads, scratch)
-        progress(f"{backend}: loaded {v} in {time.perf_counter() - t0:.1f}s")
+    engines = unet_step_engines(backend, {v: graphs[v] for v in VARIANTS}, threads, scratch, progress)
     x = inputs(graphs["fused"][1], size, batch)
     feeds = {"fused": x, "adapter": {**x, "lora_scales": np.ones(1, np.float32)}}
     outs = {v: engines[v](**feeds[v])["out_sample"] for v in VARIANTS}  # first call + numerical check

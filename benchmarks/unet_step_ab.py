@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentrt.bench.interleaved import interleaved, unet_step_engine
+from latentrt.bench.interleaved import interleaved, unet_step_engines
 
 VARIANTS = ("old", "new")
 
@@ -94,11 +94,7 @@ def inputs(size: int) -> dict[str, np.ndarray]:
 
 def ab(backend: str, graphs: dict, *, rounds: int, warmup: int, threads: int, size: int, scratch: Path,
        progress=print) -> dict:
-    engines = {}
-    for v in VARIANTS:
-        t0 = time.perf_counter()
-        engines[v] = unet_step_engine(backend, graphs[v][0], graphs[v][1], threads, scratch)
-        progress(f"{backend}: loaded {v} in {time.perf_counter() - t0:.1f}s")
+    engines = unet_step_engines(backend, {v: graphs[v] for v in VARIANTS}, threads, scratch, progress)
     x = inputs(size)
     outs = {v: engines[v](**x)["out_sample"] for v in VARIANTS}  # first call + numerical check
     timed = interleaved({v: (lambda v=v: engines[v](**x)) for v in VARIANTS}, rounds=rounds, warmup=warmup - 1,

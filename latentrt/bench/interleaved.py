@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 
-def unet_step_engine(backend: str, path: Path, spec, threads: int, scratch: Path, precision: str = "bf16"):
+def unet_step_engine(backend: str, path: Path, spec, threads: int, scratch: Path | None, precision: str = "bf16"):
     """A UNet graph's engine as the A/B scripts compare it: ONNX Runtime fp32 (no optimized-model cache),
     or OpenVINO at ``precision`` with its model cache under ``scratch``."""
     if backend == "onnxruntime":
@@ -19,8 +19,21 @@ def unet_step_engine(backend: str, path: Path, spec, threads: int, scratch: Path
         return OrtEngine("unet", path, spec.inputs, spec.outputs, threads=threads, optimized_cache=False)
     from ..runtime.engines.openvino import OpenVINOEngine
 
+    if scratch is None:
+        raise ValueError("the OpenVINO engine needs a scratch folder for its model cache")
     return OpenVINOEngine("unet", path, spec.inputs, spec.outputs, threads=threads, precision=precision,
                           cache_dir=scratch / path.parent.parent.name)
+
+
+def unet_step_engines(backend: str, graphs: dict, threads: int, scratch: Path | None = None,
+                      progress: Callable[[str], None] = print) -> dict:
+    """:func:`unet_step_engine` for every ``{name: (path, spec)}`` of ``graphs``, reporting each load time."""
+    engines = {}
+    for name, (path, spec) in graphs.items():
+        t0 = time.perf_counter()
+        engines[name] = unet_step_engine(backend, path, spec, threads, scratch)
+        progress(f"{backend}: loaded {name} in {time.perf_counter() - t0:.1f}s")
+    return engines
 
 
 def interleaved(calls: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 0,

@@ -19,6 +19,9 @@ from .errors import BadRequest
 
 #: the worker's batch-compatible arguments these fields add (requests batch only when they agree)
 OPTION_PARAMS = ("lora_scale", "lora_weights", "freeu")
+#: the image-prompt arguments (api_openai.py reads them), which the SD-family pipelines take through their
+#: conditioning ``**kwargs`` rather than named parameters
+IP_PARAMS = ("ip_adapter_image", "ip_adapter_scale")
 
 _EXPECTED = {"lora_scale": "a finite number", "lora_weights": 'an object of LoRA name -> weight (JSON)',
              "freeu": "a list of four numbers [s1, s2, b1, b2] (JSON)"}

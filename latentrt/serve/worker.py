@@ -38,6 +38,7 @@ import numpy as np
 
 from ..runtime.pipelines.guidance import check_strength
 from ..runtime.pipelines.ip_adapter import ip_adapter_request
+from .call_options import IP_PARAMS, OPTION_PARAMS
 from .errors import Cancelled, DeadlineExceeded, Draining, Interrupted, QueueFull, ServeError
 
 logger = logging.getLogger("latentrt.serve")
@@ -46,10 +47,7 @@ logger = logging.getLogger("latentrt.serve")
 BATCHABLE = ("lcm", "sd", "sdxl")
 #: call arguments shared by a batch (the rest, prompt / negative prompt / seed / image, are per job)
 SHARED = ("height", "width", "num_inference_steps", "guidance_scale", "scheduler", "strength", "vae",
-          "lora_scale", "lora_weights", "freeu", "ip_adapter_image", "ip_adapter_scale")  # the last five: call_options.py
-#: arguments the SD-family pipelines take through their conditioning ``**kwargs`` (not named in the signature)
-CONDITIONING_ARGS = {"lcm": ("ip_adapter_image", "ip_adapter_scale"), "sd": ("ip_adapter_image", "ip_adapter_scale"),
-                     "sdxl": ("ip_adapter_image", "ip_adapter_scale")}
+          *OPTION_PARAMS, *IP_PARAMS)
 MAX_IMAGES_PER_REQUEST = 10
 _seeds = np.random.default_rng()
 
@@ -161,8 +159,8 @@ class Worker:
         self.per_image_guidance = bool(getattr(pipe, "per_image_guidance", False))
         sig = inspect.signature(pipe.__call__).parameters
         self.accepts = set(sig)
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values()):
-            self.accepts |= set(CONDITIONING_ARGS.get(self.kind, ()))
+        if self.kind in BATCHABLE and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values()):
+            self.accepts |= set(IP_PARAMS)  # taken through the conditioning **kwargs
         if safety_checker and "safety_checker" not in self.accepts:
             raise ValueError(f"{name}: --safety-checker on, but a {self.kind} pipeline runs no safety checker; serve "
                              "it with --safety-checker off (or the default)")
@@ -238,16 +236,16 @@ class Worker:
             g = p["guidance_scale"]
             if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
                 raise TypeError(f"guidance_scale must be a number; got {g!r}")
-        for name in ("lora_scale", "lora_weights", "freeu", "ip_adapter_image", "ip_adapter_scale"):
+        for name in (*OPTION_PARAMS, *IP_PARAMS):
             if name in job.params and name not in self.accepts:
                 raise ValueError(f"{name}: the {self.kind} pipeline of model {self.name!r} takes no {name}")
         if "lora_scale" in job.params or "lora_weights" in job.params:  # the bundle's LoRA names, numbers
             self.pipe.check_lora_arguments(lora_scale=p.get("lora_scale"), lora_weights=p.get("lora_weights"))
         if "freeu" in job.params:  # the UNet graph must take FreeU
             self.pipe.check_freeu_argument(p["freeu"])
-        if "ip_adapter_image" in job.params or "ip_adapter_scale" in job.params:  # the bundle has an IP-Adapter
-            ip_adapter_request(self.pipe, {k: job.params[k] for k in ("ip_adapter_image", "ip_adapter_scale")
-                                           if k in job.params})
+        ip = {k: job.params[k] for k in IP_PARAMS if k in job.params}
+        if ip:  # the bundle has an IP-Adapter, the scale is a number
+            ip_adapter_request(self.pipe, ip)
 
     def submit(self, job: Job) -> Future:
         """Queue ``job`` (after :meth:`check`); its ``future`` gets a :class:`Result` or the error.

@@ -58,6 +58,15 @@ def _scale(v) -> float:
     return float(v)
 
 
+def _one_per_adapter(value, name: str, fix: str):
+    """diffusers' list of one entry per IP-Adapter (or the entry itself): the entry of the bundle's one adapter."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise IPAdapterInputError(f"{name} has {len(value)} entries but the bundle has 1 IP-Adapter; {fix}")
+        return value[0]
+    return value
+
+
 @dataclass
 class IPAdapterRequest:
     """A call's image prompt, checked against the bundle; :meth:`prepare` gives the UNet inputs."""
@@ -73,12 +82,8 @@ class IPAdapterRequest:
 
     def _encode(self, pipe, cfg: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """diffusers' ``encode_image``: (positive, negative or None) encoder outputs of one image."""
-        image = self.image
-        if isinstance(image, (list, tuple)):
-            if len(image) != 1:
-                raise IPAdapterInputError(f"ip_adapter_image has {len(image)} entries but the bundle has 1 IP-Adapter; "
-                                          "pass one image (several images per adapter are not supported)")
-            image = image[0]
+        image = _one_per_adapter(self.image, "ip_adapter_image",
+                                 "pass one image (several images per adapter are not supported)")
         if isinstance(image, (list, tuple)):
             raise IPAdapterInputError("several images for one IP-Adapter are not supported; pass one image")
         pixels = clip_preprocess(image, CLIPImageConfig.from_dict(self.info["image_processor"]))
@@ -93,12 +98,7 @@ class IPAdapterRequest:
         return pos, (np.zeros_like(pos) if cfg else None)
 
     def _given(self, pipe, cfg: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        e = self.embeds
-        if isinstance(e, (list, tuple)):
-            if len(e) != 1:
-                raise IPAdapterInputError(f"ip_adapter_image_embeds has {len(e)} entries but the bundle has 1 "
-                                          "IP-Adapter; pass a list with one array")
-            e = e[0]
+        e = _one_per_adapter(self.embeds, "ip_adapter_image_embeds", "pass a list with one array")
         a = np.asarray(e, dtype=np.float32)
         spec = pipe.bundle.manifest.components[self.info["projection"]].spec.inputs[0]
         want = tuple(spec.shape[1:])
