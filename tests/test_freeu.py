@@ -30,11 +30,19 @@ def _bundle(pipe, out):
     return latentrt.load(out)
 
 
+def _from_disk(pipe, folder):
+    """``pipe`` saved and loaded back by diffusers, as users load a checkpoint (the reference and the export source)."""
+    pipe.save_pretrained(str(folder))
+    loaded = type(pipe).from_pretrained(str(folder), dtype=torch.float32)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     from latentrt.export.tiny import tiny_sd_pipeline
 
-    ref = tiny_sd_pipeline(0)
+    ref = _from_disk(tiny_sd_pipeline(0), tmp_path_factory.mktemp("models") / "tiny-sd")
     return ref, _bundle(ref, tmp_path_factory.mktemp("bundles") / "sd-freeu")
 
 
@@ -100,7 +108,7 @@ def test_sd_img2img_freeu_matches_diffusers(sd, rgb_image):
 def test_lcm_freeu_matches_diffusers(tmp_path):
     from latentrt.export.tiny import tiny_lcm_pipeline
 
-    ref = tiny_lcm_pipeline(0)
+    ref = _from_disk(tiny_lcm_pipeline(0), tmp_path / "tiny-lcm")
     ours = _bundle(ref, tmp_path / "lcm-freeu")
     _check_parity(ref, ours, SD15, 7, prompt="a dog", num_inference_steps=2, height=72, width=64)
 
@@ -108,7 +116,7 @@ def test_lcm_freeu_matches_diffusers(tmp_path):
 def test_sdxl_freeu_matches_diffusers(tmp_path):
     from latentrt.export.tiny import tiny_sdxl_pipeline
 
-    ref = tiny_sdxl_pipeline(0)
+    ref = _from_disk(tiny_sdxl_pipeline(0), tmp_path / "tiny-sdxl")
     ours = _bundle(ref, tmp_path / "sdxl-freeu")
     _check_parity(ref, ours, SDXL, 2, prompt="a castle", num_inference_steps=3, height=64, width=56)
 
@@ -122,7 +130,7 @@ def test_controlnet_unet_takes_freeu_too(tmp_path):
     from latentrt.export.tiny import tiny_sd_pipeline
     from latentrt.export.tiny_control import tiny_controlnet
 
-    sd = tiny_sd_pipeline(0)
+    sd = _from_disk(tiny_sd_pipeline(0), tmp_path / "tiny-sd")
     cn = tiny_controlnet(sd.unet, 13)
     export_bundle(None, tmp_path / "cn", pipe=sd, check="off", progress=lambda *_: None, freeu=True, controlnets=[cn])
     ours = latentrt.load(tmp_path / "cn")

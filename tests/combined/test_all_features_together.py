@@ -42,8 +42,12 @@ def setup(tmp_path_factory):
 
     import latentrt
 
+    import torch
+    from diffusers import LatentConsistencyModelPipeline
+
     root = tmp_path_factory.mktemp("combined")
-    pipe = tiny_lcm_pipeline(0)
+    tiny_lcm_pipeline(0).save_pretrained(str(root / "tiny-lcm"))  # loaded back from disk, as users load a checkpoint
+    pipe = LatentConsistencyModelPipeline.from_pretrained(str(root / "tiny-lcm"), dtype=torch.float32)
     cn = tiny_controlnet(pipe.unet, 11)
     ip = save_tiny_ip_adapter(root / "ip", pipe.unet)
     lora = save_tiny_lora(root / "style.safetensors", pipe, rank=4, fmt="peft", text_encoder=True, seed=2, scale=0.4)

@@ -13,8 +13,10 @@ def ip_parts(tmp_path_factory):
     from latentrt.export.tiny_control import tiny_controlnet
     from latentrt.export.tiny_ip_adapter import save_tiny_ip_adapter
 
+    from ip_helpers import from_disk
+
     root = tmp_path_factory.mktemp("ip-weights")
-    lcm, sd = tiny_lcm_pipeline(0), tiny_sd_pipeline(0)
+    lcm, sd = from_disk(tiny_lcm_pipeline(0), root / "tiny-lcm"), from_disk(tiny_sd_pipeline(0), root / "tiny-sd")
     return {"lcm": lcm, "sd": sd, "cn": tiny_controlnet(lcm.unet, 11),
             "lcm_ip": save_tiny_ip_adapter(root / "lcm", lcm.unet),
             "sd_ip": save_tiny_ip_adapter(root / "sd", sd.unet, plus=True, seed=41)}

@@ -9,6 +9,16 @@ import numpy as np
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
+def from_disk(pipe, folder):
+    """``pipe`` saved and loaded back by diffusers, as users load a checkpoint (the reference and the export source)."""
+    import torch
+
+    pipe.save_pretrained(str(folder))
+    loaded = type(pipe).from_pretrained(str(folder), dtype=torch.float32)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
 def export(pipe, out, **kw):
     """Export an in-memory pipeline (graphs unchecked: the parity tests compare whole images) and load it."""
     import latentrt
