@@ -8,16 +8,24 @@ pytest.importorskip("openvino", reason="openvino is not installed (pip install '
 
 
 def test_top_ops_of_unet_and_vae(lcm_bundle):
+    import onnx
+
     from latentrt.bench.opprofile import profile
 
     out = profile(str(lcm_bundle), height=64, width=64, steps=2, precision="fp32", threads=1, top=4)
+    every = profile(str(lcm_bundle), height=64, width=64, steps=2, precision="fp32", threads=1, top=100)
     for c in ("unet", "vae_decoder"):
         top = out[c]["top"]
-        assert 1 <= len(top) <= 4 and out[c]["seconds_per_call"] > 0
+        assert 1 <= len(top) <= 4 and out[c]["seconds_per_call"] > 0 and out[c]["wall_seconds_per_call"] > 0
         assert [t["seconds_per_call"] for t in top] == sorted((t["seconds_per_call"] for t in top), reverse=True)
         assert 0 < sum(t["share"] for t in top) <= 1.0 + 1e-9
-        # the counters cover the engine's time in executed ops: no more than the stage's wall time
-        assert out[c]["seconds_per_call"] <= out[c]["wall_seconds_per_call"] * 1.05
+        # the counters are those of the profiled call only (not the warm-up's), per call of the component:
+        # each of the graph's convolutions once per call. (Their seconds are not compared with the wall
+        # time: OpenVINO's per-op real times add up to more than the call's wall time on a loaded machine,
+        # 45 ms of ops in a 32 ms call with two busy processes beside it.)
+        graph = onnx.load(str(lcm_bundle / c / "model.onnx"), load_external_data=False).graph
+        convs = sum(t["count_per_call"] for t in every[c]["top"] if t["op"] == "Convolution")
+        assert convs == sum(n.op_type == "Conv" for n in graph.node) > 0
     assert any(t["op"] == "Convolution" for t in out["vae_decoder"]["top"])
 
 
