@@ -202,6 +202,7 @@ class Worker:
 
             kwargs["image"] = Image.new("RGB", (64, 64), (128, 128, 128))
         try:
+            self.pipe.load_deferred()  # the VAE encoder too: a first image-to-image request should not wait for it
             self.pipe("warm-up", generator=0, output_type="np", **kwargs)
         except Exception:
             logger.exception("%s: the warm-up call failed", self.name)

@@ -75,6 +75,9 @@ class BasePipeline(LoraScales, VaeTiling, FreeUOption):
     #: components the pipeline cannot run without / uses when present
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
+    #: present components whose engines are created on first use, not at load: a text-to-image
+    #: process never compiles (or holds) the VAE encoder that only image inputs need
+    deferred: tuple[str, ...] = ("vae_encoder",)
 
     def __init_subclass__(cls, **kw):
         """Each pipeline's ``__call__`` first checks the arguments all pipelines share (:mod:`..arguments`)."""
@@ -103,7 +106,7 @@ class BasePipeline(LoraScales, VaeTiling, FreeUOption):
         missing = [c for c in self.required if not bundle.has(c)]
         if missing:
             raise ValueError(f"{bundle.path}: a {type(self).__name__} needs components {missing} that this bundle lacks")
-        names = [c for c in (*self.required, *self.optional) if bundle.has(c)]
+        names = [c for c in (*self.required, *self.optional) if bundle.has(c) and c not in self.deferred]
         self.engines = _create_engines(bundle, names, backend, device, engine_options)
         self._engine_options = dict(engine_options)  # for engines created later (the tiny VAE)
         self._engines_lock = threading.Lock()
@@ -121,6 +124,8 @@ class BasePipeline(LoraScales, VaeTiling, FreeUOption):
 
     # -- helpers -------------------------------------------------------------------------------
     def run(self, component: str, **inputs) -> dict[str, Any]:
+        if component not in self.engines and component in self.deferred:
+            self.engine_for(component)
         inputs = self.freeu_inputs(component, self.engines[component].inputs, inputs)  # freeu.py
         self.check_memory(limits.call_sizes(self.engines[component].inputs, inputs), [component])
         with self.timer(component):
@@ -146,6 +151,13 @@ class BasePipeline(LoraScales, VaeTiling, FreeUOption):
                 self.engines[component] = self.bundle.engine(component, self.backend, self.device,
                                                              **self._engine_options)
             return self.engines[component]
+
+    def load_deferred(self) -> None:
+        """Create the engines :attr:`deferred` to first use now (a server's warm-up: its first image
+        request should not wait for them)."""
+        for c in self.deferred:
+            if self.bundle.has(c):
+                self.engine_for(c)
 
     def run_on_device(self, component: str, **inputs) -> dict[str, Any]:
         """Call a component keeping its outputs on the device (engines with ``device_loop``); the
@@ -289,6 +301,7 @@ class BasePipeline(LoraScales, VaeTiling, FreeUOption):
             init = np.asarray(self.run_vae("tiny_vae_encoder", pixels, "encode", "sample", "latents"),
                               np.float32) * self.vae_scaling()
         else:
+            self.engine_for("vae_encoder")  # deferred to this first use; its profile range is checked next
             pixels = to_nchw(image, vae_scale_factor=f, height=size[0], width=size[1])
             self.check_image_size(pixels.shape[2], pixels.shape[3])
             params = np.asarray(self.run_vae("vae_encoder", pixels, "encode", "sample", "latent_parameters"), np.float32)

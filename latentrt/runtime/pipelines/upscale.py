@@ -138,6 +138,7 @@ class LatentUpscalePipeline(BasePipeline):
             if not self.bundle.has("vae_encoder"):
                 raise ValueError(f"{self.bundle.path}: upscaling an image needs a vae_encoder, which this bundle "
                                  "lacks; pass latents instead")
+            self.engine_for("vae_encoder")  # deferred to this first use; its profile range is checked next
             pixels = to_nchw(value, vae_scale_factor=self.vae_scale_factor)
             self.check_size(pixels.shape[2] // self.vae_scale_factor, pixels.shape[3] // self.vae_scale_factor)
             params = self.run_vae("vae_encoder", pixels, "encode", "sample", "latent_parameters")
