@@ -61,8 +61,13 @@ def test_bf16_psnr(lcm_bundle, reference):
 
 
 def test_auto_precision_and_env(lcm_bundle, monkeypatch):
+    """auto: fp32 without bf16, else what this machine's probe found faster (test_openvino_auto_precision.py)."""
+    from latentrt.runtime.engines.openvino_auto import auto_precision
+
     bundle = Bundle(lcm_bundle)
-    assert bundle.engine("vae_decoder", "openvino").precision == ("bf16" if _has_bf16() else "fp32")
+    caps = set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    expected = auto_precision(ov.Core(), "CPU", caps, 2) if _has_bf16() else "fp32"
+    assert bundle.engine("vae_decoder", "openvino", threads=2).precision == expected
     monkeypatch.setenv(ENV_PRECISION, "fp32")
     assert bundle.engine("vae_decoder", "openvino").precision == "fp32"
 
@@ -86,3 +91,29 @@ def test_bad_options(lcm_bundle):
         latentrt.load(lcm_bundle, backend="openvino", precision="int4")
     with pytest.raises(ValueError, match="device must be one of .*openvino backend"):
         latentrt.load(lcm_bundle, backend="openvino", device="tensorrt")
+
+
+def test_a_full_disk_while_caching_the_ir_compiles_from_onnx(lcm_bundle, tmp_path, monkeypatch, caplog):
+    """OpenVINO reports a full disk as a RuntimeError ("basic_ios::clear: iostream error"): the engine warns,
+    leaves no partial IR behind and compiles the ONNX file instead (the same image as a cached engine)."""
+    import logging
+    import shutil
+
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(lcm_bundle, bundle_dir, ignore=shutil.ignore_patterns(".cache"))
+    real = ov.save_model
+
+    def full_disk(model, path, **kw):
+        real(model, path, **kw)  # the partial files exist when the write fails
+        raise RuntimeError("Exception from src/core/src/pass/serialize.cpp: basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(ov, "save_model", full_disk)
+    with caplog.at_level(logging.WARNING, logger="latentrt"):
+        engine = Bundle(bundle_dir).engine("vae_decoder", "openvino", precision="fp32")
+    assert engine.cache_path is None
+    assert "could not write its OpenVINO IR cache" in caplog.text and "free there" in caplog.text
+    assert not [p for p in (bundle_dir / ".cache" / "openvino").iterdir() if p.suffix in (".xml", ".bin")]
+    monkeypatch.setattr(ov, "save_model", real)
+    lat = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    cached = Bundle(lcm_bundle).engine("vae_decoder", "openvino", precision="fp32")
+    assert np.abs(engine(latent_sample=lat)["sample"] - cached(latent_sample=lat)["sample"]).max() <= 1e-6

@@ -9,8 +9,9 @@ through its ONNX frontend, so bundles need no second export.
 
 Precision (``precision=`` engine option, else ``$LATENTRT_OPENVINO_PRECISION``, else "auto"):
 
-- ``"auto"``: bf16 where the CPU reports BF16 among its optimization capabilities, else fp32
-  (OpenVINO's own default, made explicit so it is recorded in :attr:`OpenVINOEngine.precision`);
+- ``"auto"``: bf16 where it is faster than fp32 on this CPU (AMX; otherwise measured once per machine by
+  :mod:`.openvino_auto`: on a Xeon VM without AMX bf16 is slower), else fp32; recorded in
+  :attr:`OpenVINOEngine.precision`;
 - ``"bf16"``: bf16 compute (refused with a clear message on CPUs that lack it);
 - ``"fp32"``: full precision; images match ONNX Runtime within 1e-4;
 - ``"fp16"``: fp16 compute where the CPU has AVX512-FP16 (experimental: better accuracy than bf16,
@@ -34,6 +35,7 @@ OpenVINO's output tensors belong to the infer request and are overwritten by its
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -45,6 +47,8 @@ from .base import Engine
 from .onnxruntime import default_threads
 from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph, mark_decompression
 from .openvino_int8 import QUANTIZED, int8_ir
+
+logger = logging.getLogger("latentrt")
 
 #: our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -66,8 +70,9 @@ def _import_openvino():
     return openvino
 
 
-def resolve_precision(core, device: str, precision: str | None) -> str:
-    """The precision to compile with: one of :data:`PRECISIONS`, checked against the device."""
+def resolve_precision(core, device: str, precision: str | None, threads: int | None = None) -> str:
+    """The precision to compile with: one of :data:`PRECISIONS`, checked against the device ("auto":
+    bf16 where it is faster than fp32 on this CPU, :mod:`.openvino_auto`)."""
     precision = (precision or os.environ.get(ENV_PRECISION) or "auto").lower()
     if precision not in (*PRECISIONS, "int8", "auto"):
         raise ValueError(
@@ -79,7 +84,9 @@ def resolve_precision(core, device: str, precision: str | None) -> str:
     except Exception:  # AUTO and some plugins do not report capabilities
         caps = set()
     if precision == "auto":
-        return "bf16" if "BF16" in caps else "fp32"
+        from .openvino_auto import auto_precision
+
+        return auto_precision(core, device, caps, int(threads or default_threads()))
     need = _CAPABILITY.get(precision)
     if need and device == "CPU" and need not in caps:
         raise ValueError(
@@ -114,9 +121,9 @@ def _ir_cache(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: 
     xml = folder / f"{name}-{'f16w' if compress else 'f32w'}-{key}.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         return xml
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{xml.stem}.{os.getpid()}.tmp.xml"
+    tmp = folder / f".{xml.stem}.{os.getpid()}.{threading.get_ident()}.tmp.xml"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         model = core.read_model(str(onnx_path))
         rewritten = rewrite and is_f16_graph(model)
         if rewritten:
@@ -127,11 +134,29 @@ def _ir_cache(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: 
             mark_decompression(tmp)
         os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))  # the weights first, then the graph
         os.replace(tmp, xml)
-    except OSError:  # read-only or full cache: compile from the ONNX file directly
+    except (OSError, RuntimeError) as e:
+        # a read-only or full cache (OpenVINO reports a full disk as "basic_ios::clear: iostream error"):
+        # compile from the ONNX file directly, and say why the next load will not be faster
         for t in (tmp, tmp.with_suffix(".bin")):
             t.unlink(missing_ok=True)
+        free = _free_gib(folder)
+        logger.warning("%s: could not write its OpenVINO IR cache in %s (%s: %s; %s free there): compiling from "
+                       "the ONNX file, which every load of this component repeats; free disk space or make the "
+                       "bundle's cache writable (or set LATENTRT_CACHE)", name, folder, type(e).__name__,
+                       str(e).strip()[:200], f"{free:.1f} GiB" if free is not None else "unknown")
         return onnx_path
     return xml
+
+
+def _free_gib(folder: Path) -> float | None:
+    import shutil
+
+    for p in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(p).free / 2**30
+        except OSError:
+            continue
+    return None
 
 
 #: the compiled models one engine keeps (one per input shape seen, least recently used dropped first)
@@ -139,12 +164,12 @@ MAX_SHAPES = 2
 SHAPES = ("static", "dynamic")
 
 
-def inference_hint(core, device: str, precision: str) -> str:
+def inference_hint(core, device: str, precision: str, threads: int | None = None) -> str:
     """OpenVINO's INFERENCE_PRECISION_HINT for one of our precisions (int8: the compute of the layers
-    left in floating point, bf16 where the CPU has it)."""
+    left in floating point, what "auto" picks)."""
     if precision != "int8":
         return PRECISIONS[precision]
-    return "bf16" if resolve_precision(core, device, "auto") == "bf16" else "f32"
+    return "bf16" if resolve_precision(core, device, "auto", threads) == "bf16" else "f32"
 
 
 def compiled_key(model_sha: str, precision: str, shapes, ov_version: str, threads) -> str:
@@ -188,10 +213,10 @@ class OpenVINOEngine(Engine):
         self.device = device
         self.shapes, self.max_shapes = shapes, max_shapes
         self._ov, self._core, self._ov_device = ov, ov.Core(), DEVICES[device]
-        self.precision = resolve_precision(self._core, self._ov_device, precision)
+        self.precision = resolve_precision(self._core, self._ov_device, precision, threads)
         self._config = {
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": inference_hint(self._core, self._ov_device, self.precision),
+            "INFERENCE_PRECISION_HINT": inference_hint(self._core, self._ov_device, self.precision, threads),
         }
         if self._ov_device == "CPU":
             self._config["INFERENCE_NUM_THREADS"] = int(threads or default_threads())
