@@ -33,6 +33,7 @@ from .memory import PeakMemory
 from .quality import gate_calls, gate_result, split_gate, with_gate
 from .scenarios import Scenario
 from .stats import percentile, psnr, summarize
+from .tasks import check_bundle, pipe_kwargs
 
 
 def group_key(sc: Scenario, vae: str) -> str:
@@ -191,12 +192,16 @@ class Runner:
             raise ValueError("no scenarios to run")
         threads = scenarios[0].resolved_threads
         env = capture(threads, gemm=self.gemm)
-        self.emit({"type": "env", "schema": SCHEMA, "run_id": self.run_id,
-                   "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **env})
         bar = Progress(sum(planned_calls(s) for s in scenarios), self.progress_enabled)
         try:
-            for sc in scenarios:
-                bundle = resolve_bundle(sc, self.cache_dir, bar.note if bar.bar else self.log)
+            # every bundle first (built on first use), each checked against its scenario's task, so a
+            # scenario that cannot run stops the run before anything is written
+            bundles = [resolve_bundle(sc, self.cache_dir, bar.note if bar.bar else self.log) for sc in scenarios]
+            for sc, bundle in zip(scenarios, bundles):
+                check_bundle(sc, bundle)
+            self.emit({"type": "env", "schema": SCHEMA, "run_id": self.run_id,
+                       "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **env})
+            for sc, bundle in zip(scenarios, bundles):
                 image, gate = self.run_latentrt(sc, bundle, bar)
                 for name in sc.baselines:
                     self.run_baseline(sc, bundle, bar, name)
@@ -207,11 +212,10 @@ class Runner:
 
     # -- latentrt ---------------------------------------------------------------------------------
     def call_kwargs(self, sc: Scenario) -> dict:
-        kw = dict(height=sc.height, width=sc.width, num_inference_steps=sc.steps, num_images_per_prompt=sc.batch,
-                  guidance_scale=sc.guidance, output_type="np")
-        if sc.vae != "full":  # pipelines without a VAE choice keep working with the default
-            kw["vae"] = sc.vae
-        return kw
+        """latentrt's call for the scenario's task (:mod:`.tasks`), its input image included."""
+        from .tasks import latentrt_kwargs
+
+        return latentrt_kwargs(sc)
 
     def run_latentrt(self, sc: Scenario, bundle: Path, bar: Progress):
         """Measure latentrt (here, or in a child process with ``isolate``), emit its record; its first image."""
@@ -361,8 +365,7 @@ class Runner:
             base = DiffusersBaseline(folder, vae=vae, taesd=taesd_folder_of(bundle), device=sc.device,
                                      precision=prec, threads=sc.resolved_threads)
             load_s = time.perf_counter() - t0
-            call = dict(prompt=sc.prompt, height=sc.height, width=sc.width, steps=sc.steps, batch=sc.batch,
-                        guidance=sc.guidance, seed=sc.seed)
+            call = dict(prompt=sc.prompt, seed=sc.seed, **pipe_kwargs(sc))  # the task's call, as latentrt's
             # the first warm-up call counts FLOPs per stage (an extra call when there is no warm-up)
             t0 = time.perf_counter()
             base(**call, count_flops=True)
@@ -382,7 +385,7 @@ class Runner:
                 bar.step(f"{sc.name}: {name}")
             gate = []
             for prompt, seed in gate_calls(sc):
-                gate.append(base(**dict(call, prompt=prompt, seed=seed, batch=1))[0])
+                gate.append(base(**dict(call, prompt=prompt, seed=seed, num_images_per_prompt=1))[0])
                 bar.note(f"{sc.name}: {name} quality gate {len(gate)}/{sc.quality_samples}")
         image, gate_count = with_gate(image, gate)
         flops = base.flops()
