@@ -124,14 +124,19 @@ class Progress:
             self.bar.close()
 
 
-def planned_calls(sc: Scenario) -> int:
+def baseline_calls(sc: Scenario, name: str) -> int:
+    """The calls baseline ``name`` makes for scenario ``sc`` (progress steps)."""
     from .peers import PEERS
 
-    per_system = sc.warmup + sc.repeats
-    ours = per_system + (1 if sc.cold_start else 0)
-    # a peer's cold start is one more process that makes one image
-    peers = sum(1 for b in sc.baselines if b in PEERS) * (1 if sc.cold_start else 0)
-    return ours + len(sc.baselines) * (per_system + (1 if sc.warmup == 0 else 0)) + peers
+    if name in PEERS:  # warm-up, repeats, a first call without warm-up, and a cold start in one more process
+        return sc.warmup + sc.repeats + (1 if sc.warmup == 0 else 0) + (1 if sc.cold_start else 0)
+    warmup = sc.resolved_baseline_warmup
+    return warmup + sc.resolved_baseline_repeats + (1 if sc.flops and warmup == 0 else 0)
+
+
+def planned_calls(sc: Scenario) -> int:
+    ours = sc.warmup + sc.repeats + (1 if sc.cold_start else 0)
+    return ours + sum(baseline_calls(sc, b) for b in sc.baselines)
 
 
 def noise_factory(sc: Scenario):
@@ -318,8 +323,8 @@ class Runner:
         """Measure baseline ``name`` (here, or in a child process with ``isolate``) and emit its record,
         or reuse the record of the same baseline measured for an earlier scenario."""
         vae, prec = sc.resolved_baseline_vae, sc.resolved_baseline_precision
-        key = (name, group_key(sc, vae), prec, sc.device, sc.resolved_threads, sc.warmup, sc.repeats,
-               sc.quality_samples if name == "diffusers" else 0)
+        key = (name, group_key(sc, vae), prec, sc.device, sc.resolved_threads, sc.resolved_baseline_warmup,
+               sc.resolved_baseline_repeats, sc.flops, sc.quality_samples if name == "diffusers" else 0)
         if sc.isolate:  # a baseline measured in a shared process is no stand-in for an isolated one
             key += ("isolated",)
         if key in self.baseline_done:  # the same baseline measured for an earlier scenario: reuse it
@@ -327,7 +332,7 @@ class Runner:
             if key in self.baseline_images:
                 self.peer_images[(sc.name, name)] = self.baseline_images[key]
             self.emit(rec)
-            for _ in range(planned_calls(sc) - (sc.warmup + sc.repeats + (1 if sc.cold_start else 0))):
+            for _ in range(baseline_calls(sc, name)):
                 bar.step(f"{sc.name}: {name} (reused)")
             return
         from .peers import PEERS, measure_peer
@@ -366,16 +371,19 @@ class Runner:
                                      precision=prec, threads=sc.resolved_threads)
             load_s = time.perf_counter() - t0
             call = dict(prompt=sc.prompt, seed=sc.seed, **pipe_kwargs(sc))  # the task's call, as latentrt's
-            # the first warm-up call counts FLOPs per stage (an extra call when there is no warm-up)
-            t0 = time.perf_counter()
-            base(**call, count_flops=True)
-            first_s = time.perf_counter() - t0
-            bar.step(f"{sc.name}: {name} warm-up (FLOPs)")
-            for _ in range(max(0, sc.warmup - 1)):
+            # the first warm-up call counts FLOPs per stage (with ``flops``: an extra call when there is no
+            # warm-up); with neither, the first call is the first timed one
+            warmup, first_s = sc.resolved_baseline_warmup, None
+            if sc.flops or warmup:
+                t0 = time.perf_counter()
+                base(**call, count_flops=sc.flops)
+                first_s = time.perf_counter() - t0
+                bar.step(f"{sc.name}: {name} warm-up" + (" (FLOPs)" if sc.flops else ""))
+            for _ in range(max(0, warmup - 1)):
                 base(**call)
                 bar.step(f"{sc.name}: {name} warm-up")
             e2e, timings, image = [], [], None
-            for _ in range(sc.repeats):
+            for _ in range(sc.resolved_baseline_repeats):
                 t0 = time.perf_counter()
                 img, t = base(**call)
                 e2e.append(time.perf_counter() - t0)
@@ -390,8 +398,9 @@ class Runner:
         image, gate_count = with_gate(image, gate)
         flops = base.flops()
         extra = {
-            "cold_start": {"load_s": load_s, "first_image_s": first_s,
-                           "note": "first image counted FLOPs (FlopCounterMode), so it is slower than a plain call"},
+            "cold_start": {"load_s": load_s, "first_image_s": first_s if first_s is not None else e2e[0],
+                           "note": "first image counted FLOPs (FlopCounterMode), so it is slower than a plain call"
+                                   if sc.flops else "first image: the first timed call (no warm-up)"},
             "memory": {**mem.result(), "weight_bytes": base.weight_bytes, **own_process(sc, latentrt=False)},
             "flops": flops,
             "gate_images": gate_count,

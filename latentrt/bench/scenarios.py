@@ -71,6 +71,12 @@ class Scenario:
     task: str = "text-to-image"
     #: latentrt decodes with its tiled VAE (vae_tiling=True); the baseline stays untiled
     vae_tiling: bool = False
+    #: the diffusers baseline's untimed and timed calls (None: warmup / repeats): a slow fp32 baseline may
+    #: be measured once (baseline_warmup = 0, baseline_repeats = 1, flops = false) while latentrt repeats
+    baseline_warmup: int | None = None
+    baseline_repeats: int | None = None
+    #: the baseline's first call counts FLOPs per stage (torch's FlopCounterMode; an extra call without warm-up)
+    flops: bool = True
 
     def __post_init__(self):
         for k in ("height", "width", "steps", "batch", "repeats"):
@@ -95,6 +101,13 @@ class Scenario:
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ValueError(f"scenario {self.name!r}: unknown baselines {bad}; known: {list(BASELINES)}")
+        for k in ("baseline_warmup", "baseline_repeats"):
+            v, least = getattr(self, k), 0 if k == "baseline_warmup" else 1
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+                raise ValueError(f"scenario {self.name!r}: {k} must be an integer >= {least} (or absent: "
+                                 f"{k.split('_')[1]}); got {v!r}")
+        if not isinstance(self.flops, bool):
+            raise ValueError(f"scenario {self.name!r}: flops must be true or false; got {self.flops!r}")
         self._check_task()
 
     def _check_task(self) -> None:
@@ -126,6 +139,14 @@ class Scenario:
         from ..runtime.engines.onnxruntime import default_threads
 
         return self.threads or default_threads()
+
+    @property
+    def resolved_baseline_warmup(self) -> int:
+        return self.warmup if self.baseline_warmup is None else self.baseline_warmup
+
+    @property
+    def resolved_baseline_repeats(self) -> int:
+        return self.repeats if self.baseline_repeats is None else self.baseline_repeats
 
     @property
     def resolved_baseline_vae(self) -> str:

@@ -32,6 +32,22 @@ def test_calls_of_each_task():
     assert latentrt_kwargs(Scenario(vae="tiny"))["vae"] == "tiny"
 
 
+def test_baseline_calls():
+    from latentrt.bench.harness import baseline_calls, planned_calls
+
+    sc = Scenario(warmup=1, repeats=2, cold_start=False)
+    assert baseline_calls(sc, "diffusers") == 3 and planned_calls(sc) == 6
+    once = Scenario(warmup=1, repeats=2, baseline_warmup=0, baseline_repeats=1, flops=False, cold_start=False)
+    assert baseline_calls(once, "diffusers") == 1 and planned_calls(once) == 4
+    assert baseline_calls(Scenario(warmup=0, repeats=1, cold_start=False), "diffusers") == 2  # + the FLOPs call
+    with pytest.raises(ValueError, match="baseline_repeats must be an integer >= 1"):
+        Scenario(baseline_repeats=0)
+    with pytest.raises(ValueError, match="baseline_warmup must be an integer >= 0"):
+        Scenario(baseline_warmup=-1)
+    with pytest.raises(ValueError, match="flops must be true or false"):
+        Scenario(flops="no")
+
+
 def test_task_in_a_scenario_file(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text('[defaults]\ntask = "upscale"\nguidance = 0.0\n[[scenario]]\nname = "a"\n'
@@ -84,3 +100,16 @@ def test_cli_task_option(upscaler_bench_bundle, tmp_path):
     rec = json.loads(out.read_text().splitlines()[1])
     assert rec["settings"]["task"] == "upscale" and rec["settings"]["vae_tiling"] is True
     assert rec["stages"]["vae_decoder"]["calls"] > 1  # tiled
+
+
+def test_shipped_seed_pipeline_scenarios_load():
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    scen = load_scenarios(os.path.join(repo, "benchmarks/scenarios/upscale_unclip_cpu.toml"))
+    assert {s.task for s in scen} == {"upscale", "unclip", "unclip-variation"}
+    assert all(s.isolate and s.backend == "openvino" and s.engine_options == {"precision": "bf16"} for s in scen)
+    up = [s for s in scen if s.task == "upscale"]
+    assert {s.steps for s in up} == {20, 5} and any(s.vae_tiling for s in up)
+    assert all((s.height, s.width, s.guidance) == (1024, 1024, 0.0) for s in up)
+    assert all((s.height, s.width) == (768, 768) for s in scen if s.task != "upscale")
