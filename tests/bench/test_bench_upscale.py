@@ -45,8 +45,8 @@ def test_records_and_stages(records):
 
 
 def test_same_image_as_diffusers(records):
-    """Same weights, input image and noise, fp32: latentrt's upscale is diffusers' (a different input
-    image or noise would give ~10 dB)."""
+    """Same weights, input image and noise, fp32: latentrt's upscale is diffusers' (~130 dB; measured on
+    this tiny model: other noise gives ~14 dB, another seeded input image ~42 dB)."""
     assert records[0]["quality"]["psnr_db"] > 60
 
 
