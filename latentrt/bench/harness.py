@@ -6,6 +6,9 @@ describes the environment. Order per scenario: latentrt first (cold start with a
 then a second load, then the timed calls), then the baseline (whose first call also counts FLOPs per
 stage with torch's FlopCounterMode, outside the timed repeats). Host memory peaks are per phase.
 
+What each call does is the scenario's ``task`` (:mod:`.tasks`: text-to-image, the x2 upscaler, unCLIP
+text-to-image or variation): latentrt and the baseline get the same keyword arguments and input image.
+
 With a scenario's ``isolate`` on, each system is measured by the same code in a fresh child process
 (:mod:`.child`): the parent only emits the child's record, keeps the images for PSNR and steps the
 progress bar. Such records carry ``process`` ({"isolated": true, "pid", "parent_pid", "wall_s"}: the
