@@ -108,7 +108,7 @@ def test_shipped_seed_pipeline_scenarios_load():
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     scen = load_scenarios(os.path.join(repo, "benchmarks/scenarios/upscale_unclip_cpu.toml"))
     assert {s.task for s in scen} == {"upscale", "unclip", "unclip-variation"}
-    assert all(s.isolate and s.backend == "openvino" and s.engine_options == {"precision": "fp32"} for s in scen)
+    assert all(s.isolate and s.backend == "openvino" and s.engine_options["precision"] == "fp32" for s in scen)
     up = [s for s in scen if s.task == "upscale"]
     assert {s.steps for s in up} == {20, 5} and any(s.vae_tiling for s in up)
     assert all((s.height, s.width, s.guidance) == (1024, 1024, 0.0) for s in up)
