@@ -1,9 +1,13 @@
 """The diffusers baseline on the very same weights, instrumented with the same per-stage timings as
-latentrt's pipelines (text_encoder, text_encoder_2 for SDXL, unet per step, vae_decoder / tiny_vae_decoder).
+latentrt's pipelines: each module's forward is timed under the name latentrt gives its engine
+(:data:`STAGES`: text_encoder, text_encoder_2 for SDXL, prior_text_encoder and prior for unCLIP,
+image_encoder for unCLIP variations, unet per step), and the VAE's ``decode`` / ``encode`` as
+vae_decoder / vae_encoder (tiny_vae_decoder / tiny_vae_encoder with TAESD).
 
 The pipeline class is the one the model folder declares (``model_index.json`` ``_class_name``):
 ``LatentConsistencyModelPipeline`` for SD1.5 LCM, ``StableDiffusionXLPipeline`` for the SDXL family
-(LCM-SDXL UNets get diffusers' guidance embedding and no classifier-free guidance, as in latentrt).
+(LCM-SDXL UNets get diffusers' guidance embedding and no classifier-free guidance, as in latentrt),
+and the classes of the other tasks of :mod:`.tasks` (the x2 latent upscaler, Stable unCLIP).
 
 CPU: torch fp32 with ``torch.set_num_threads`` equal to latentrt's thread count. CUDA: fp16 with
 PyTorch's SDPA attention (diffusers' default processor on torch 2), stages timed with CUDA events.
@@ -16,14 +20,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .tasks import DIFFUSERS_CLASSES as PIPELINE_CLASSES  # the classes the baseline runs, per task
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
-#: text-to-image pipeline classes the baseline runs (``model_index.json`` ``_class_name``)
-PIPELINE_CLASSES = ("LatentConsistencyModelPipeline", "StableDiffusionXLPipeline")
 #: the class of folders without a ``_class_name`` (the SD1.5 LCM baseline the harness started with)
 DEFAULT_PIPELINE = "LatentConsistencyModelPipeline"
-#: per-stage names of the timed modules, as latentrt's pipelines name their engines
-TEXT_STAGES = ("text_encoder", "text_encoder_2")
+#: the pipeline attributes whose forward is timed, named as latentrt's pipelines name their engines
+STAGES = ("text_encoder", "text_encoder_2", "prior_text_encoder", "prior", "image_encoder", "unet")
 
 
 def pipeline_class_name(model_folder: str | Path) -> str:
@@ -147,29 +151,31 @@ class DiffusersBaseline:
             dlog.set_verbosity(level)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
-        self.vae_stage = "tiny_vae_decoder" if vae == "tiny" else "vae_decoder"
+        prefix = "tiny_" if vae == "tiny" else ""
+        self.vae_stage = prefix + "vae_decoder"
         self.clock = StageClock(self.device == "cuda")
         p = self.pipe
-        modules = [(stage, getattr(p, stage, None)) for stage in TEXT_STAGES]
+        modules = [(stage, getattr(p, stage, None)) for stage in STAGES]
         modules = [(stage, m) for stage, m in modules if m is not None]
         for stage, m in modules:
             m.forward = self.clock.wrap(stage, m.forward)
-        p.unet.forward = self.clock.wrap("unet", p.unet.forward)
         p.vae.decode = self.clock.wrap(self.vae_stage, p.vae.decode)
-        self.weight_bytes = sum(t.numel() * t.element_size() for m in [*(m for _, m in modules), p.unet, p.vae]
+        p.vae.encode = self.clock.wrap(prefix + "vae_encoder", p.vae.encode)  # the upscaler's image input
+        self.weight_bytes = sum(t.numel() * t.element_size() for m in [*(m for _, m in modules), p.vae]
                                 for t in [*m.parameters(), *m.buffers()])
 
-    def __call__(self, *, prompt, height, width, steps, batch, guidance, seed, count_flops: bool = False):
-        """One image batch; returns (images NHWC float in [0, 1], per-stage timings)."""
+    def __call__(self, *, prompt, seed, count_flops: bool = False, **pipe_kwargs):
+        """One call with the task's keyword arguments (:func:`.tasks.pipe_kwargs`: steps, guidance, size,
+        input image, ...); returns (images NHWC float in [0, 1], per-stage timings)."""
         import torch
 
         self.clock.reset()
         self.clock.count_flops = count_flops
         try:
             with torch.inference_mode():
-                out = self.pipe(prompt, height=height, width=width, num_inference_steps=steps,
-                                num_images_per_prompt=batch, guidance_scale=guidance,
-                                generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+                # prompt by keyword: StableUnCLIPImg2ImgPipeline takes the image first
+                out = self.pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed),
+                                **{**pipe_kwargs, "output_type": "np"})
         finally:
             self.clock.count_flops = False
         if self.device == "cuda":

@@ -6,6 +6,9 @@ describes the environment. Order per scenario: latentrt first (cold start with a
 then a second load, then the timed calls), then the baseline (whose first call also counts FLOPs per
 stage with torch's FlopCounterMode, outside the timed repeats). Host memory peaks are per phase.
 
+What each call does is the scenario's ``task`` (:mod:`.tasks`: text-to-image, the x2 upscaler, unCLIP
+text-to-image or variation): latentrt and the baseline get the same keyword arguments and input image.
+
 With a scenario's ``isolate`` on, each system is measured by the same code in a fresh child process
 (:mod:`.child`): the parent only emits the child's record, keeps the images for PSNR and steps the
 progress bar. Such records carry ``process`` ({"isolated": true, "pid", "parent_pid", "wall_s"}: the
@@ -33,6 +36,7 @@ from .memory import PeakMemory
 from .quality import gate_calls, gate_result, split_gate, with_gate
 from .scenarios import Scenario
 from .stats import percentile, psnr, summarize
+from .tasks import check_bundle, pipe_kwargs
 
 
 def group_key(sc: Scenario, vae: str) -> str:
@@ -123,14 +127,19 @@ class Progress:
             self.bar.close()
 
 
-def planned_calls(sc: Scenario) -> int:
+def baseline_calls(sc: Scenario, name: str) -> int:
+    """The calls baseline ``name`` makes for scenario ``sc`` (progress steps)."""
     from .peers import PEERS
 
-    per_system = sc.warmup + sc.repeats
-    ours = per_system + (1 if sc.cold_start else 0)
-    # a peer's cold start is one more process that makes one image
-    peers = sum(1 for b in sc.baselines if b in PEERS) * (1 if sc.cold_start else 0)
-    return ours + len(sc.baselines) * (per_system + (1 if sc.warmup == 0 else 0)) + peers
+    if name in PEERS:  # warm-up, repeats, a first call without warm-up, and a cold start in one more process
+        return sc.warmup + sc.repeats + (1 if sc.warmup == 0 else 0) + (1 if sc.cold_start else 0)
+    warmup = sc.resolved_baseline_warmup
+    return warmup + sc.resolved_baseline_repeats + (1 if sc.flops and warmup == 0 else 0)
+
+
+def planned_calls(sc: Scenario) -> int:
+    ours = sc.warmup + sc.repeats + (1 if sc.cold_start else 0)
+    return ours + sum(baseline_calls(sc, b) for b in sc.baselines)
 
 
 def noise_factory(sc: Scenario):
@@ -191,12 +200,16 @@ class Runner:
             raise ValueError("no scenarios to run")
         threads = scenarios[0].resolved_threads
         env = capture(threads, gemm=self.gemm)
-        self.emit({"type": "env", "schema": SCHEMA, "run_id": self.run_id,
-                   "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **env})
         bar = Progress(sum(planned_calls(s) for s in scenarios), self.progress_enabled)
         try:
-            for sc in scenarios:
-                bundle = resolve_bundle(sc, self.cache_dir, bar.note if bar.bar else self.log)
+            # every bundle first (built on first use), each checked against its scenario's task, so a
+            # scenario that cannot run stops the run before anything is written
+            bundles = [resolve_bundle(sc, self.cache_dir, bar.note if bar.bar else self.log) for sc in scenarios]
+            for sc, bundle in zip(scenarios, bundles):
+                check_bundle(sc, bundle)
+            self.emit({"type": "env", "schema": SCHEMA, "run_id": self.run_id,
+                       "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **env})
+            for sc, bundle in zip(scenarios, bundles):
                 image, gate = self.run_latentrt(sc, bundle, bar)
                 for name in sc.baselines:
                     self.run_baseline(sc, bundle, bar, name)
@@ -207,11 +220,10 @@ class Runner:
 
     # -- latentrt ---------------------------------------------------------------------------------
     def call_kwargs(self, sc: Scenario) -> dict:
-        kw = dict(height=sc.height, width=sc.width, num_inference_steps=sc.steps, num_images_per_prompt=sc.batch,
-                  guidance_scale=sc.guidance, output_type="np")
-        if sc.vae != "full":  # pipelines without a VAE choice keep working with the default
-            kw["vae"] = sc.vae
-        return kw
+        """latentrt's call for the scenario's task (:mod:`.tasks`), its input image included."""
+        from .tasks import latentrt_kwargs
+
+        return latentrt_kwargs(sc)
 
     def run_latentrt(self, sc: Scenario, bundle: Path, bar: Progress):
         """Measure latentrt (here, or in a child process with ``isolate``), emit its record; its first image."""
@@ -314,8 +326,8 @@ class Runner:
         """Measure baseline ``name`` (here, or in a child process with ``isolate``) and emit its record,
         or reuse the record of the same baseline measured for an earlier scenario."""
         vae, prec = sc.resolved_baseline_vae, sc.resolved_baseline_precision
-        key = (name, group_key(sc, vae), prec, sc.device, sc.resolved_threads, sc.warmup, sc.repeats,
-               sc.quality_samples if name == "diffusers" else 0)
+        key = (name, group_key(sc, vae), prec, sc.device, sc.resolved_threads, sc.resolved_baseline_warmup,
+               sc.resolved_baseline_repeats, sc.flops, sc.quality_samples if name == "diffusers" else 0)
         if sc.isolate:  # a baseline measured in a shared process is no stand-in for an isolated one
             key += ("isolated",)
         if key in self.baseline_done:  # the same baseline measured for an earlier scenario: reuse it
@@ -323,7 +335,7 @@ class Runner:
             if key in self.baseline_images:
                 self.peer_images[(sc.name, name)] = self.baseline_images[key]
             self.emit(rec)
-            for _ in range(planned_calls(sc) - (sc.warmup + sc.repeats + (1 if sc.cold_start else 0))):
+            for _ in range(baseline_calls(sc, name)):
                 bar.step(f"{sc.name}: {name} (reused)")
             return
         from .peers import PEERS, measure_peer
@@ -361,18 +373,20 @@ class Runner:
             base = DiffusersBaseline(folder, vae=vae, taesd=taesd_folder_of(bundle), device=sc.device,
                                      precision=prec, threads=sc.resolved_threads)
             load_s = time.perf_counter() - t0
-            call = dict(prompt=sc.prompt, height=sc.height, width=sc.width, steps=sc.steps, batch=sc.batch,
-                        guidance=sc.guidance, seed=sc.seed)
-            # the first warm-up call counts FLOPs per stage (an extra call when there is no warm-up)
-            t0 = time.perf_counter()
-            base(**call, count_flops=True)
-            first_s = time.perf_counter() - t0
-            bar.step(f"{sc.name}: {name} warm-up (FLOPs)")
-            for _ in range(max(0, sc.warmup - 1)):
+            call = dict(prompt=sc.prompt, seed=sc.seed, **pipe_kwargs(sc))  # the task's call, as latentrt's
+            # the first warm-up call counts FLOPs per stage (with ``flops``: an extra call when there is no
+            # warm-up); with neither, the first call is the first timed one
+            warmup, first_s = sc.resolved_baseline_warmup, None
+            if sc.flops or warmup:
+                t0 = time.perf_counter()
+                base(**call, count_flops=sc.flops)
+                first_s = time.perf_counter() - t0
+                bar.step(f"{sc.name}: {name} warm-up" + (" (FLOPs)" if sc.flops else ""))
+            for _ in range(max(0, warmup - 1)):
                 base(**call)
                 bar.step(f"{sc.name}: {name} warm-up")
             e2e, timings, image = [], [], None
-            for _ in range(sc.repeats):
+            for _ in range(sc.resolved_baseline_repeats):
                 t0 = time.perf_counter()
                 img, t = base(**call)
                 e2e.append(time.perf_counter() - t0)
@@ -382,13 +396,14 @@ class Runner:
                 bar.step(f"{sc.name}: {name}")
             gate = []
             for prompt, seed in gate_calls(sc):
-                gate.append(base(**dict(call, prompt=prompt, seed=seed, batch=1))[0])
+                gate.append(base(**dict(call, prompt=prompt, seed=seed, num_images_per_prompt=1))[0])
                 bar.note(f"{sc.name}: {name} quality gate {len(gate)}/{sc.quality_samples}")
         image, gate_count = with_gate(image, gate)
         flops = base.flops()
         extra = {
-            "cold_start": {"load_s": load_s, "first_image_s": first_s,
-                           "note": "first image counted FLOPs (FlopCounterMode), so it is slower than a plain call"},
+            "cold_start": {"load_s": load_s, "first_image_s": first_s if first_s is not None else e2e[0],
+                           "note": "first image counted FLOPs (FlopCounterMode), so it is slower than a plain call"
+                                   if sc.flops else "first image: the first timed call (no warm-up)"},
             "memory": {**mem.result(), "weight_bytes": base.weight_bytes, **own_process(sc, latentrt=False)},
             "flops": flops,
             "gate_images": gate_count,

@@ -3,7 +3,9 @@ Runtime), loads a bundle and makes one call. This is the number the "peak RSS at
 weight bytes" target is about: the benchmark process itself also holds torch, diffusers and the
 allocator's leftovers of earlier phases, which would blur a per-phase measurement.
 
-``python -m latentrt.bench.memprobe BUNDLE --height H --width W --steps N [--vae tiny]`` prints JSON.
+``python -m latentrt.bench.memprobe BUNDLE --scenario JSON`` (a scenario's fields, as
+``Scenario.to_dict`` gives them) prints JSON. The call is the scenario's task's (:mod:`.tasks`), so the
+probe measures the pipeline that is benchmarked (an upscale, a variation, ...), with the same input image.
 """
 
 from __future__ import annotations
@@ -18,20 +20,21 @@ import time
 from .memory import _status_kb, current_rss
 
 
-def probe(bundle: str, *, height: int, width: int, steps: int, batch: int, vae: str, backend: str, device: str,
-          threads: int, engine_options: dict) -> dict:
+def probe(bundle: str, sc) -> dict:
+    """Load ``bundle`` as scenario ``sc`` says and make one call of its task; peak RSS and times."""
     import numpy  # noqa: F401  (count the runtime's own imports in the baseline)
     import onnxruntime  # noqa: F401
 
     import latentrt
 
+    from .tasks import latentrt_kwargs
+
     rss_imports = current_rss()
     t0 = time.perf_counter()
-    pipe = latentrt.load(bundle, backend=backend, device=device, threads=threads, **engine_options)
+    pipe = latentrt.load(bundle, backend=sc.backend, device=sc.device, threads=sc.resolved_threads,
+                         **sc.engine_options)
     t1 = time.perf_counter()
-    kw = {"vae": vae} if vae != "full" else {}
-    pipe("a photograph", height=height, width=width, num_inference_steps=steps, num_images_per_prompt=batch,
-         generator=0, output_type="np", **kw)
+    pipe("a photograph", generator=0, **latentrt_kwargs(sc))
     t2 = time.perf_counter()
     m = pipe.bundle.manifest
     weights = sum(sum(m.components[c].sizes.values()) for c in pipe.engines if c in m.components)
@@ -42,10 +45,8 @@ def probe(bundle: str, *, height: int, width: int, steps: int, batch: int, vae: 
 
 def run_probe(bundle, sc, timeout: float = 1800) -> dict:
     """Run :func:`probe` for scenario ``sc`` in a subprocess; {"error": ...} when it fails."""
-    cmd = [sys.executable, "-m", "latentrt.bench.memprobe", str(bundle), "--height", str(sc.height), "--width",
-           str(sc.width), "--steps", str(sc.steps), "--batch", str(sc.batch), "--vae", sc.vae, "--backend",
-           sc.backend, "--device", sc.device, "--threads", str(sc.resolved_threads),
-           "--engine-options", json.dumps(sc.engine_options)]
+    cmd = [sys.executable, "-m", "latentrt.bench.memprobe", str(bundle), "--scenario",
+           json.dumps(dict(sc.to_dict(), threads=sc.resolved_threads))]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout, env=dict(os.environ))
         if r.returncode != 0:
@@ -58,18 +59,11 @@ def run_probe(bundle, sc, timeout: float = 1800) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bundle")
-    p.add_argument("--height", type=int, required=True)
-    p.add_argument("--width", type=int, required=True)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--vae", default="full")
-    p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--engine-options", default="{}")
+    p.add_argument("--scenario", required=True, help="the scenario's fields as JSON (Scenario.to_dict)")
     a = p.parse_args(argv)
-    out = probe(a.bundle, height=a.height, width=a.width, steps=a.steps, batch=a.batch, vae=a.vae, backend=a.backend,
-                device=a.device, threads=a.threads, engine_options=json.loads(a.engine_options))
+    from .scenarios import make_scenario
+
+    out = probe(a.bundle, make_scenario(json.loads(a.scenario), "--scenario"))
     print(json.dumps(out))
     return 0
 

@@ -127,6 +127,10 @@ MODELS: dict[str, Callable[[Path, Callable], None]] = {"sd15-lcm": save_sd15_lcm
 from .sdxl_models import SDXL_MODELS as _SDXL_MODELS  # noqa: E402
 
 MODELS.update(_SDXL_MODELS)
+# the seed pipelines (sd-x2-upscaler, sd21-unclip-l, sd21-unclip-l-img2img): see latentrt.bench.seed_models
+from .seed_models import SEED_MODELS as _SEED_MODELS  # noqa: E402
+
+MODELS.update(_SEED_MODELS)
 
 
 def ensure_model(name: str, cache_dir: Path | None = None, progress: Callable[[str], None] = print) -> Path:
@@ -156,15 +160,16 @@ def ensure_bundle(name: str, precision: str = "fp32", cache_dir: Path | None = N
     quiet_loading()
 
     progress(f"exporting {name} ({precision}) to {out}; this happens once")
-    big = name in _SDXL_MODELS
+    big = name in _SDXL_MODELS or name in _SEED_MODELS
     # the SDXL VAE overflows in fp16 (diffusers upcasts it): fp16 SDXL bundles keep it in fp32
-    keep_vae = {"vae_decoder": "fp32", "vae_encoder": "fp32"} if big and precision == "fp16" else None
-    # SDXL (10 GB fp32 UNet, 24 GiB machines): fp16 components load as fp16 (no fp32 copy), traced at
-    # 256x256, and not checked against torch here (an ONNX Runtime session of the 5 GB fp16 UNet
-    # next to its torch module does not fit); the benchmark's PSNR against diffusers fp32 checks the
-    # whole pipeline instead.
+    keep_vae = {"vae_decoder": "fp32", "vae_encoder": "fp32"} if name in _SDXL_MODELS and precision == "fp16" else None
+    # SDXL (10 GB fp32 UNet, 24 GiB machines) and the seed pipelines (a 4 GB prior next to a 3.5 GB
+    # UNet): fp16 components load as fp16 (no fp32 copy), traced at 256x256, and not checked against
+    # torch here (an ONNX Runtime session of the 5 GB fp16 UNet next to its torch module does not
+    # fit); the benchmark's PSNR against diffusers fp32 checks the whole pipeline instead.
     sdxl = dict(low_memory=True, trace_size=256, check="off") if big else dict(check=False)
-    export_bundle(src, out, precision=precision, tiny_vae=str(src / "taesd"), progress=progress,
+    taesd = src / "taesd"  # the seed pipelines' folders carry no TAESD
+    export_bundle(src, out, precision=precision, tiny_vae=str(taesd) if taesd.is_dir() else None, progress=progress,
                   component_precision=keep_vae, **sdxl)
     gc.collect()
     return out

@@ -292,6 +292,11 @@ def results_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: stages of the unCLIP pipelines (label, stage, per-call or per-image-batch total)
+EXTRA_STAGES = (("prior text encoder", "prior_text_encoder", "total"), ("prior step", "prior", "per_call"),
+                ("image encoder", "image_encoder", "total"))
+
+
 def stage_comparison(results: list[dict]) -> str:
     """Per stage, latentrt against the baseline of the same scenario: which stage a miss comes from."""
     lines = ["| scenario | stage | latentrt | diffusers | speed-up |", "|---|---|---|---|---|"]
@@ -303,6 +308,8 @@ def stage_comparison(results: list[dict]) -> str:
         if base is None:
             continue
         rows = [("text encoder" + (" 2" if k.endswith("_2") else ""), k, k, "total") for k in text_encoder_stages(r)]
+        rows += [(label, k, k, kind) for label, k, kind in EXTRA_STAGES]
+        rows += [("VAE encode", enc, enc, "total") for enc in ("vae_encoder", "tiny_vae_encoder")]
         rows += [("UNet step", "unet", "unet", "per_call"), ("VAE decode", vae_stage(r), vae_stage(base), "total")]
         for label, ours_k, base_k, kind in rows:
             a = r["stages"].get(ours_k or "", {}).get(kind, {}).get("median")

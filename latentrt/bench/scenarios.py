@@ -9,6 +9,12 @@ process (:mod:`latentrt.bench.child`), so their memory never adds up and each re
 own process's: needed where the two systems do not fit in memory together (full-size SDXL at
 1024x1024: ~14 GB for the fp32 diffusers baseline, ~8 GB for latentrt). It makes the separate
 ``isolated_memory`` probe redundant, so that probe is skipped.
+
+``task`` says which pipeline a scenario runs (:mod:`latentrt.bench.tasks`): "text-to-image" (the
+default), "upscale" (the x2 latent upscaler; ``height`` x ``width`` is its output, the input image
+half that), "unclip" (Stable unCLIP through the prior) or "unclip-variation" (unCLIP image
+variations). ``vae_tiling = true`` decodes (and encodes) with latentrt's tiled VAE; the diffusers
+baseline (and so the PSNR reference) stays untiled, so a tiled and an untiled row share it.
 """
 
 from __future__ import annotations
@@ -61,6 +67,16 @@ class Scenario:
     quality_samples: int = 0
     #: the gate's lowest acceptable PSNR against diffusers fp32
     quality_gate_db: float = 30.0
+    #: the pipeline: "text-to-image", "upscale", "unclip" or "unclip-variation" (latentrt.bench.tasks)
+    task: str = "text-to-image"
+    #: latentrt decodes with its tiled VAE (vae_tiling=True); the baseline stays untiled
+    vae_tiling: bool = False
+    #: the diffusers baseline's untimed and timed calls (None: warmup / repeats): a slow fp32 baseline may
+    #: be measured once (baseline_warmup = 0, baseline_repeats = 1, flops = false) while latentrt repeats
+    baseline_warmup: int | None = None
+    baseline_repeats: int | None = None
+    #: the baseline's first call counts FLOPs per stage (torch's FlopCounterMode; an extra call without warm-up)
+    flops: bool = True
 
     def __post_init__(self):
         for k in ("height", "width", "steps", "batch", "repeats"):
@@ -85,12 +101,52 @@ class Scenario:
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ValueError(f"scenario {self.name!r}: unknown baselines {bad}; known: {list(BASELINES)}")
+        for k in ("baseline_warmup", "baseline_repeats"):
+            v, least = getattr(self, k), 0 if k == "baseline_warmup" else 1
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+                raise ValueError(f"scenario {self.name!r}: {k} must be an integer >= {least} (or absent: "
+                                 f"{k.split('_')[1]}); got {v!r}")
+        if not isinstance(self.flops, bool):
+            raise ValueError(f"scenario {self.name!r}: flops must be true or false; got {self.flops!r}")
+        self._check_task()
+
+    def _check_task(self) -> None:
+        from .tasks import TASKS, TEXT_TO_IMAGE
+
+        if self.task not in TASKS:
+            raise ValueError(f"scenario {self.name!r}: unknown task {self.task!r}; known: {sorted(TASKS)}")
+        if not isinstance(self.vae_tiling, bool):
+            raise ValueError(f"scenario {self.name!r}: vae_tiling must be true or false; got {self.vae_tiling!r}")
+        if self.vae_tiling and self.vae != "full":
+            raise ValueError(f"scenario {self.name!r}: vae_tiling tiles the full VAE, not TAESD; set vae = \"full\"")
+        if self.task == TEXT_TO_IMAGE:
+            return
+        if self.vae != "full" or (self.baseline_vae or "full") != "full":
+            raise ValueError(f"scenario {self.name!r}: task {self.task!r} runs the full VAE only (its bundles carry "
+                             "no TAESD); set vae = \"full\"")
+        if self.quality_samples:
+            raise ValueError(f"scenario {self.name!r}: the quality gate (quality_samples) runs text-to-image prompts; "
+                             f"set quality_samples = 0 for task {self.task!r}")
+        extra = [b for b in self.baselines if b != "diffusers"]
+        if extra:
+            raise ValueError(f"scenario {self.name!r}: the OpenVINO peers {extra} run text-to-image only; "
+                             f"task {self.task!r} takes baselines = [\"diffusers\"] or []")
+        if not TASKS[self.task].sized and self.batch != 1:
+            raise ValueError(f"scenario {self.name!r}: task {self.task!r} makes one image per input image; set batch = 1")
 
     @property
     def resolved_threads(self) -> int:
         from ..runtime.engines.onnxruntime import default_threads
 
         return self.threads or default_threads()
+
+    @property
+    def resolved_baseline_warmup(self) -> int:
+        return self.warmup if self.baseline_warmup is None else self.baseline_warmup
+
+    @property
+    def resolved_baseline_repeats(self) -> int:
+        return self.repeats if self.baseline_repeats is None else self.baseline_repeats
 
     @property
     def resolved_baseline_vae(self) -> str:

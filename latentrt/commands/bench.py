@@ -8,7 +8,7 @@ from pathlib import Path
 
 #: command-line options that override scenario keys (None: not given)
 OVERRIDES = ("model", "height", "width", "steps", "batch", "backend", "device", "precision", "vae", "threads",
-             "warmup", "repeats", "guidance", "seed", "prompt")
+             "warmup", "repeats", "guidance", "seed", "prompt", "task")
 
 
 def register(sub) -> None:
@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--config", help="scenario TOML (benchmarks/scenarios/*.toml); without it, one scenario "
                                     "from the options below")
     p.add_argument("--scenario", action="append", help="run only this scenario of --config (repeatable)")
-    p.add_argument("--model", help="sd15-lcm (full size, random weights), tiny-lcm, or a bundle folder")
+    p.add_argument("--model", help="sd15-lcm (full size, random weights), tiny-lcm, another name of "
+                                   "latentrt.bench.models.MODELS, or a bundle folder")
     p.add_argument("--height", type=int, help="image height (default 512)")
     p.add_argument("--width", type=int, help="image width (default 512)")
     p.add_argument("--steps", type=int, help="num_inference_steps (default 4)")
@@ -26,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--device", help="device (cpu, cuda)")
     p.add_argument("--precision", help="bundle precision (fp32, fp16, ...)")
     p.add_argument("--vae", choices=["full", "tiny"], help="decode with the full VAE or TAESD")
+    p.add_argument("--task", help="the pipeline: text-to-image (default), upscale (x2 latent upscaler; --height/--width "
+                                  "are its output), unclip, unclip-variation")
+    p.add_argument("--vae-tiling", action="store_true", help="latentrt decodes with its tiled VAE (the baseline "
+                                                             "stays untiled)")
     p.add_argument("--threads", type=int, help="threads for latentrt and the baseline (default: the usable CPUs)")
     p.add_argument("--warmup", type=int, help="untimed calls before measuring (default 1)")
     p.add_argument("--repeats", type=int, help="timed calls (default 5)")
@@ -59,6 +64,8 @@ def scenarios_from_args(args):
         over["isolated_memory"] = False
     if args.isolate:
         over["isolate"] = True
+    if args.vae_tiling:
+        over["vae_tiling"] = True
     if args.config:
         return load_scenarios(args.config, over, args.scenario)
     if args.scenario:

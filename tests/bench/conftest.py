@@ -34,3 +34,30 @@ def no_taesd_bundle(taesd_bundle, tmp_path_factory):
         m["components"].pop(c)
     (out / "latentrt.json").write_text(json.dumps(m))
     return out
+
+
+# -- the seed pipelines' tiny bundles (tests/bench/test_bench_upscale.py, test_bench_unclip.py, test_bench_tasks.py)
+def _export_tiny(root, save):
+    from latentrt.export.bundle import export_bundle
+
+    folder = save(root / "model")
+    export_bundle(folder, root / "bundle", check=False, progress=lambda *_: None)
+    return root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def upscaler_bench_bundle(tmp_path_factory):
+    """The tiny x2 latent upscaler, exported from its saved diffusers folder (the baseline's weights)."""
+    from latentrt.export.tiny import save_tiny_upscaler
+
+    return _export_tiny(tmp_path_factory.mktemp("bench-upscaler"), save_tiny_upscaler)
+
+
+@pytest.fixture(scope="session")
+def unclip_bench_bundles(tmp_path_factory):
+    """{"unclip": text-to-image bundle, "unclip-variation": image-variation bundle}, tiny, from saved folders."""
+    from latentrt.export.tiny_unclip import save_tiny_unclip
+
+    return {"unclip": _export_tiny(tmp_path_factory.mktemp("bench-unclip"), save_tiny_unclip),
+            "unclip-variation": _export_tiny(tmp_path_factory.mktemp("bench-unclip-img2img"),
+                                             lambda out: save_tiny_unclip(out, img2img=True))}

@@ -47,7 +47,8 @@ def test_sdxl_baseline_matches_latentrt(sdxl_lcm_bundle, vae):
                                           generator=TorchGeneratorNoise(3), output_type="np", vae=vae)
     folder = model_folder_of(sdxl_lcm_bundle)
     base = DiffusersBaseline(folder, vae=vae, taesd=taesd_folder_of(sdxl_lcm_bundle), threads=1)
-    images, timings = base(prompt=PROMPT, height=64, width=64, steps=2, batch=1, guidance=8.0, seed=3)
+    images, timings = base(prompt=PROMPT, seed=3, height=64, width=64, num_inference_steps=2,
+                             num_images_per_prompt=1, guidance_scale=8.0)
     assert type(base.pipe).__name__ == "StableDiffusionXLPipeline"
     assert base.pipe.unet.config.time_cond_proj_dim  # an LCM UNet: guidance embedding, no CFG
     assert images.shape == ours.images.shape == (1, 64, 64, 3)
@@ -73,7 +74,8 @@ def test_lcm_baseline_with_taesd_matches_latentrt(taesd_bundle):
     ours = latentrt.load(taesd_bundle)(PROMPT, height=64, width=64, num_inference_steps=2, guidance_scale=8.0,
                                        generator=TorchGeneratorNoise(5), output_type="np", vae="tiny")
     base = DiffusersBaseline(model_folder_of(taesd_bundle), vae="tiny", taesd=taesd_folder_of(taesd_bundle), threads=1)
-    images, timings = base(prompt=PROMPT, height=64, width=64, steps=2, batch=1, guidance=8.0, seed=5)
+    images, timings = base(prompt=PROMPT, seed=5, height=64, width=64, num_inference_steps=2,
+                             num_images_per_prompt=1, guidance_scale=8.0)
     assert type(base.pipe).__name__ == "LatentConsistencyModelPipeline" and base.pipe.safety_checker is None
     assert float(np.abs(images - ours.images).max()) <= TOL
     assert {k: len(v) for k, v in timings.items()} == {k: len(v) for k, v in ours.timings.items()} == {
