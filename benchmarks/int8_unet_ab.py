@@ -75,10 +75,10 @@ def conv_kernels(engine) -> list[str]:
     kinds = set()
     for op in rt.get_ordered_ops():
         info = op.get_rt_info()
-        layer = str(info["layerType"]) if "layerType" in info else ""
-        if layer in ("Convolution", "FullyConnected"):
-            kinds.add(f"{layer}:{info['runtimePrecision']}:{info['primitiveType']}" if "primitiveType" in info
-                      else f"{layer}:{info['runtimePrecision']}")
+        keys = set(info.keys())
+        text = {k: info[k].astype(str) for k in ("layerType", "runtimePrecision", "primitiveType") if k in keys}
+        if text.get("layerType") in ("Convolution", "FullyConnected"):
+            kinds.add(":".join(text[k] for k in ("layerType", "runtimePrecision", "primitiveType") if k in text))
     return sorted(kinds)
 
 
