@@ -20,14 +20,13 @@ under the lock, alone. Image quality is not judged here: the quality gate of ``l
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from latentrt.bench.interleaved import interleaved
+from latentrt.bench.interleaved import append_jsonl, interleaved
 
 
 def step_inputs(pipe, size: int) -> dict:
@@ -129,9 +128,7 @@ def main(argv=None) -> int:
         print(f"  {v}: median {m[v]:.3f}s ({res['ratio_median_vs_reference'][v]:.3f}x {ref}), fastest {b[v]:.3f}s "
               f"({res['ratio_min_vs_reference'][v]:.3f}x); output vs fp32 max {d['max_abs']:.3g} mean {d['mean_abs']:.3g}; "
               f"kernels {', '.join(res['kernels'][v])}")
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(res) + "\n")
+    append_jsonl(args.out, res)
     return 0
 
 

@@ -11,7 +11,6 @@ Heavy (a full-size pipeline per precision): run it under the lock, alone.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_unet_ab import _cpu_model, step_inputs  # noqa: E402
 
-from latentrt.bench.interleaved import interleaved  # noqa: E402
+from latentrt.bench.interleaved import append_jsonl, interleaved  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,9 +46,7 @@ def main(argv=None) -> int:
     res["cpu"], res["threads"] = _cpu_model(), args.threads
     print(f"{res['cpu']}, {args.threads} threads, {args.rounds} rounds: medians "
           + ", ".join(f"{k} {v:.3f}s" for k, v in res["median_s"].items()))
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(res) + "\n")
+    append_jsonl(args.out, res)
     return 0
 
 

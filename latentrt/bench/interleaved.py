@@ -56,3 +56,12 @@ def interleaved(calls: dict[str, Callable[[], object]], *, rounds: int, warmup: 
         progress(f"{label}round {r + 1}/{rounds}: " + ", ".join(f"{v} {times[v][-1]:.3f}s" for v in names))
     return {"times_s": times, "median_s": {v: statistics.median(t) for v, t in times.items()},
             "min_s": {v: min(t) for v, t in times.items()}}
+
+
+def append_jsonl(path: Path | None, record: dict) -> None:
+    """Append ``record`` as one JSON line to ``path`` (the A/B scripts' ``--out``); nothing when ``path`` is None."""
+    if path is not None:
+        import json
+
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -16,7 +16,6 @@ OpenVINO with the same threads: what its kernels reach on dense GEMM here. Print
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -154,16 +153,9 @@ def floor_table(profiled: dict, flops: dict, peak_gflops: float) -> dict:
 
 def main(argv=None) -> int:
     from .models import model_folder_of
-    from .opprofile import profile
+    from .opprofile import profile, profile_arguments
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundle")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--precision", default="bf16")
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
+    a = profile_arguments(__doc__.splitlines()[0], threads=2).parse_args(argv)
     folder = model_folder_of(Path(a.bundle))
     if folder is None:
         raise SystemExit(f"{a.bundle}: the diffusers folder it was exported from is gone; its FLOPs cannot be counted")

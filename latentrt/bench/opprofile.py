@@ -38,14 +38,20 @@ def profile(bundle: str, *, height: int, width: int, steps: int, precision: str,
             for c in components}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def profile_arguments(description: str, threads: int | None = None) -> argparse.ArgumentParser:
+    """The command line of a profiled call (this module's and :mod:`.opfloor`'s)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("bundle")
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--precision", default="bf16")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, default=threads)
+    return p
+
+
+def main(argv=None) -> int:
+    p = profile_arguments(__doc__.splitlines()[0])
     p.add_argument("--top", type=int, default=12)
     a = p.parse_args(argv)
     print(json.dumps(profile(a.bundle, height=a.height, width=a.width, steps=a.steps, precision=a.precision,
