@@ -133,14 +133,11 @@ def main(argv=None) -> int:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next(ln for ln in f if ln.startswith("model name"))
-        flags = open("/proc/cpuinfo").read()
-        amx = "amx_int8" in flags
-        return f"{line.split(':', 1)[1].strip()}, AMX int8 {'yes' if amx else 'no'}, VNNI {'yes' if 'avx512_vnni' in flags else 'no'}"
-    except (OSError, StopIteration):
-        return "unknown CPU"
+    from latentrt.runtime.engines.openvino_auto import cpu_flags
+
+    model, flags = cpu_flags()
+    return (f"{model or 'unknown CPU'}, AMX int8 {'yes' if 'amx_int8' in flags else 'no'}, "
+            f"VNNI {'yes' if 'avx512_vnni' in flags else 'no'}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ microseconds. ``precision="bf16"`` / ``"fp32"`` (or ``$LATENTRT_OPENVINO_PRECISI
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -36,19 +37,21 @@ def cache_path() -> Path:
     return (Path(env) if env else Path.home() / ".cache" / "latentrt") / CACHE_NAME
 
 
-def cpu_flags() -> tuple[str, set[str]]:
-    """(model name, flags) from /proc/cpuinfo ("", empty set where it cannot be read)."""
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> tuple[str, frozenset[str]]:
+    """(model name, flags) from /proc/cpuinfo ("", empty set where it cannot be read); read once per process
+    (every engine a pipeline creates asks)."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return "", set()
-    model, flags = "", set()
+        return "", frozenset()
+    model, flags = "", frozenset()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model name" and not model:
             model = value.strip()
         elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
+            flags = frozenset(value.split())
     return model, flags
 
 
