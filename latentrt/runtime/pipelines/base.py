@@ -124,6 +124,8 @@ class BasePipeline(LoraScales, VaeTiling, FreeUOption):
 
     # -- helpers -------------------------------------------------------------------------------
     def run(self, component: str, **inputs) -> dict[str, Any]:
+        if component not in self.engines and component in self.deferred:  # direct run / run_vae callers
+            self.engine_for(component)
         inputs = self.freeu_inputs(component, self.engines[component].inputs, inputs)  # freeu.py
         self.check_memory(limits.call_sizes(self.engines[component].inputs, inputs), [component])
         with self.timer(component):
