@@ -6,6 +6,7 @@ Everything is built in code (no network) once per test session.
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -23,6 +24,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "tensorrt" in item.keywords and not have_trt:
             item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU"))
+
+
+_TMP_FIXTURES = {"tmp_path", "tmp_path_factory", "tmpdir", "tmpdir_factory"}
+_made_by: dict[int, list] = {}  # id(fixturedef) -> the folders its current setup made
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Note the folders a module-, class- or function-scoped fixture makes with ``tmp_path_factory``;
+    :func:`pytest_fixture_post_finalizer` removes them once that fixture is torn down. The tiny bundles of
+    one test module are tens of MB each, and kept to the end of the session they add up to ~5 GB (a CI
+    run on a nearly full disk failed with ENOSPC). Session-scoped fixtures keep theirs to the end."""
+    if fixturedef.scope == "session" or fixturedef.argname in _TMP_FIXTURES:
+        return (yield)
+    base = request.config._tmp_path_factory.getbasetemp()
+    before = set(os.listdir(base))
+    try:
+        return (yield)
+    finally:
+        made = [base / n for n in set(os.listdir(base)) - before]
+        if made:
+            _made_by.setdefault(id(fixturedef), []).extend(made)
+
+
+def pytest_fixture_post_finalizer(fixturedef, request):
+    """After the fixture's own teardown code has run (this hook runs last)."""
+    for p in _made_by.pop(id(fixturedef), []):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _have_module(name: str) -> bool:
