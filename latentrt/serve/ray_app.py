@@ -6,10 +6,14 @@ through Serve's FastAPI ingress. Ray adds what one machine cannot: replicas on m
 to free replicas, autoscaling, and backpressure in front of the replicas. This is the only module that
 imports Ray.
 
-* **Backpressure.** A replica takes at most ``max_queue + 1`` requests per model at once
-  (``max_ongoing_requests``: its worker's full queue plus a running batch of at least one), so the
-  worker's own queue never overflows (429) while another replica is free; past that, up to ``max_queued_requests`` wait at each proxy and the rest
-  get 429 with ``Retry-After`` from Serve itself. A full cluster answers, it never queues without bound.
+* **Backpressure.** A replica takes at most ``max_queue`` requests per model at once
+  (``max_ongoing_requests``). Every request Serve counts as ongoing on a replica is either waiting in
+  its worker's queue or running, so the queue (which refuses past ``max_queue`` waiting) cannot
+  overflow, not even in the moment between a batch's answers going out and the worker taking its
+  next batch. A single-model replica therefore never answers 429 itself while another has room (a
+  multiplexed one can, if all its requests name one model); past that, up to ``max_queued_requests``
+  wait at each proxy and the rest get 429 with ``Retry-After`` from Serve itself. A full cluster
+  answers, it never queues without bound.
 * **Warm-up.** A replica's constructor waits for its one-step warm-up calls, so Serve sends it no traffic
   before it is ready; its health check fails (and Serve replaces it) if a worker's thread has died.
 * **Models.** A replica loads every bundle, or with ``multiplex=K`` loads on demand the model a request
@@ -219,7 +223,7 @@ def ray_app(bundles: dict[str, Any] | list, *, replicas: int = 1, autoscale: tup
     server_options = dict(backend=backend, device=device, engine_options={"threads": threads, **(engine_options or {})},
                           max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
                           api_key=api_key, max_body_bytes=max_body_bytes, warmup=warmup, safety_checker=safety_checker)
-    per_replica = (max(0, max_queue) + 1) * (min(len(bundles), multiplex) if multiplex else len(bundles))
+    per_replica = max(1, max_queue) * (min(len(bundles), multiplex) if multiplex else len(bundles))
     scaling = (dict(autoscaling_config=AutoscalingConfig(min_replicas=low, max_replicas=high,
                                                          target_ongoing_requests=max(1, max_batch)))
                if autoscale is not None else dict(num_replicas=int(replicas)))

@@ -258,6 +258,7 @@ class Worker:
         with self._cond:
             if self._closing:
                 raise Draining("the server is shutting down and takes no new work; retry on another replica")
+            self._drop_stopped(time.monotonic())  # a cancelled or expired job holds no room
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{self.name}: the queue is full ({self.max_queue} requests waiting, --max-queue); "
                                 "retry later", retry_after=self.retry_after())

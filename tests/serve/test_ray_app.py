@@ -18,7 +18,7 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 serve = pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'latentrt[ray]')")
 
 APP = "latentrt"
-# each replica holds max_queue + 1 = 3 requests; the proxy queues 8 more (Serve counts a request as
+# each replica holds max_queue = 2 requests (running or waiting); the proxy queues 8 more (Serve counts a request as
 # queued until a replica takes it, so a burst needs room there)
 OPTIONS = dict(replicas=2, num_cpus=1, threads=1, max_batch=2, batch_wait_ms=30, max_queue=2,
                max_queued_requests=8, retry_after_s=2, health_check_period_s=1)
@@ -80,7 +80,7 @@ def test_a_full_cluster_answers_429_with_retry_after(cluster):
         answers = list(pool.map(lambda s: _generate(cluster, s, steps=8), range(32)))
     codes = [r.status_code for r in answers]
     refused = [r for r in answers if r.status_code in (429, 503)]
-    assert refused, f"32 requests at once on room for 14 were all accepted: {codes}"
+    assert refused, f"32 requests at once on room for 12 were all accepted: {codes}"
     assert all(r.headers.get("retry-after") for r in refused), [dict(r.headers) for r in refused]
     assert set(codes) <= {200, 429, 503}, codes
     assert codes.count(200) >= 2, codes
