@@ -38,6 +38,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -45,6 +46,7 @@ import numpy as np
 
 from .base import Engine
 from .onnxruntime import default_threads
+from .openvino_blobs import import_recorded, record
 from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph, mark_decompression
 from .openvino_int8 import QUANTIZED, int8_ir
 
@@ -195,8 +197,11 @@ class OpenVINOEngine(Engine):
     more than the peers', so static stays opt-in until the interleaved A/B of
     benchmarks/scenarios/sd15_openvino_shapes.toml is run); the compiled models of the last ``max_shapes`` shapes are kept, and each
     is persisted in OpenVINO's model cache under ``<bundle cache>/openvino/compiled/<key>``
-    (:func:`compiled_key`), so a new process imports it instead of compiling. Nothing is compiled at
-    load: a component costs nothing until it is first called (the VAE encoder of a text-to-image run).
+    (:func:`compiled_key`), so a new process imports it instead of compiling, straight from the blob
+    (:mod:`.openvino_blobs`). Nothing is compiled at load: a component costs nothing until it is first
+    called (the VAE encoder of a text-to-image run). (Importing the last-used shapes in background
+    threads at load was tried: on 2 cores the imports slowed each other and the first image by as much
+    as they overlapped, 10.58 vs 10.49 s median process wall over 3 runs each, so it was left out.)
     """
 
     def __init__(self, name, path, inputs, outputs, *, device="cpu", threads=None, cache_dir=None, model_sha="",
@@ -241,7 +246,8 @@ class OpenVINOEngine(Engine):
         self._request_lock = threading.Lock()  # one infer request per shape: concurrent pipeline calls take turns
         # outputs by position: the ONNX frontend keeps the graph's output order and names
         self._output_names = [o.name for o in self.outputs]
-        #: how each compiled model was obtained: {"shapes", "seconds", "cache_dir"}, oldest first
+        #: how each compiled model was obtained, oldest first: {"shapes", "seconds", "cache_dir", "source"
+        #: ("compiled", or "imported" straight from its recorded blob)}
         self.compilations: list[dict] = []
         if shapes == "dynamic":
             self._entry(None)
@@ -251,19 +257,26 @@ class OpenVINOEngine(Engine):
         """The most recently used compiled model (None before the first call with static shapes)."""
         return next(reversed(self._compiled.values()))[0] if self._compiled else None
 
-    def _entry(self, key):
-        hit = self._compiled.get(key)
-        if hit is not None:
-            self._compiled.move_to_end(key)
-            return hit
-        import time
+    def _fields(self) -> dict:
+        """What a recorded blob must match besides its shapes (:mod:`.openvino_blobs`)."""
+        return {"model_sha": self._model_sha, "precision": self.precision, "ov": self._ov.__version__,
+                "threads": self._config.get("INFERENCE_NUM_THREADS"), "device": self._ov_device}
 
+    def _build(self, key):
+        """(compiled model, infer request, mapping or None, record) for one key: imported from its
+        recorded blob where there is one, else compiled (through OpenVINO's cache, which writes it)."""
         t0 = time.perf_counter()
         config = dict(self._config)
         cache_dir = None
         if self._compiled_root is not None:
             cache_dir = self._compiled_root / compiled_key(self._model_sha, self.precision, key, self._ov.__version__,
                                                            config.get("INFERENCE_NUM_THREADS"))
+            hit = import_recorded(self._ov, self._core, cache_dir, self._ov_device, config, self._fields())
+            if hit is not None:
+                compiled, mapping = hit
+                return (compiled, compiled.create_infer_request(), mapping,
+                        {"shapes": key, "seconds": time.perf_counter() - t0, "cache_dir": str(cache_dir),
+                         "source": "imported"})
             try:
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 config["CACHE_DIR"] = str(cache_dir)
@@ -280,23 +293,34 @@ class OpenVINOEngine(Engine):
                 f"{self.name}: OpenVINO could not compile {self._model_path}{shape} ({type(e).__name__}: "
                 f"{str(e).strip()[:300]}); re-export the bundle, or use backend='onnxruntime'"
             ) from None
+        if cache_dir is not None:
+            record(cache_dir, self._fields(), key)
+        return (compiled, compiled.create_infer_request(), None,
+                {"shapes": key, "seconds": time.perf_counter() - t0,
+                 "cache_dir": str(cache_dir) if cache_dir else None, "source": "compiled"})
+
+    def _entry(self, key):
+        hit = self._compiled.get(key)
+        if hit is not None:
+            self._compiled.move_to_end(key)
+            return hit
+        compiled, request, mapping, how = self._build(key)
         if len(compiled.outputs) != len(self._output_names):
             raise RuntimeError(
                 f"{self.name}: the OpenVINO model has {len(compiled.outputs)} outputs but the manifest declares "
                 f"{len(self._output_names)} ({', '.join(self._output_names)}); re-export the bundle"
             )
-        self._compiled[key] = entry = (compiled, compiled.create_infer_request())
+        self._compiled[key] = entry = (compiled, request, mapping)
         while len(self._compiled) > (1 if key is None else self.max_shapes):
             self._compiled.popitem(last=False)
-        self.compilations.append({"shapes": key, "seconds": time.perf_counter() - t0,
-                                  "cache_dir": str(cache_dir) if cache_dir else None})
+        self.compilations.append(how)
         return entry
 
     def run(self, arrays):
         key = None if self.shapes == "dynamic" else tuple(sorted((n, tuple(np.shape(a))) for n, a in arrays.items()
                                                                  if n in self._dtypes))
         with self._request_lock:
-            _, request = self._entry(key)
+            request = self._entry(key)[1]
             request.infer(arrays, share_inputs=True)
             if self.op_times is not None:
                 for p in request.get_profiling_info():
