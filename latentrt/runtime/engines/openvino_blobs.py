@@ -80,9 +80,10 @@ def import_recorded(ov, core, folder: Path, device: str, config: dict, fields: d
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size != rec.get("size"):
                 return None
-            # private and writable: OpenVINO's tensor wants a writable buffer; pages it never writes stay
-            # the page cache's (nothing is copied), and nothing written reaches the file
-            mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            # copy-on-write (MAP_PRIVATE on POSIX, the same on Windows): OpenVINO's tensor wants a writable
+            # buffer; pages it never writes stay the page cache's (nothing is copied), and nothing written
+            # reaches the file
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError):
         return None
     head = bytes(mapping[:_HEADER_MAX])
