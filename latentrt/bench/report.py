@@ -31,6 +31,8 @@ TARGETS = {
     "e2e_speedup_vs_best_peer": (">=", 1.5),
     "taesd_e2e_s": ("<=", 2.5),
     "new_process_load_s": ("<=", 2.0),
+    # load + first image - a warm image: what a new process costs beyond the image's own time
+    "new_process_first_use_s": ("<=", 2.0),
     "new_process_load_vs_best_peer": ("<", 1.0),
     "peak_rss_vs_best_peer": ("<=", 1.0),
     "peer_same_weights_psnr_db": (">=", 30.0),
@@ -55,6 +57,20 @@ def new_process_load(rec: dict) -> float | None:
     process)."""
     cold = rec.get("cold_start", {})
     return (cold.get("new_process") or {}).get("load_s") if rec["system"] == "latentrt" else cold.get("load_second_s")
+
+
+def new_process_first_use(rec: dict) -> float | None:
+    """What a new process on the already-used bundle / model costs beyond a warm image: its load plus
+    its first image minus the warm end-to-end median (imports apart)."""
+    cold = rec.get("cold_start", {})
+    if rec["system"] == "latentrt":
+        np_ = cold.get("new_process") or {}
+        load, first = np_.get("load_s"), np_.get("first_image_s")
+    else:
+        load, first = cold.get("load_second_s"), cold.get("first_image_second_s")
+    if load is None or first is None:
+        return None
+    return load + first - rec["e2e"]["median"]
 
 
 def read_results(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
@@ -226,6 +242,14 @@ def peer_checks(results: list[dict], r: dict) -> list[Check]:
         if "psnr_db" in q:
             out.append(Check("peer_same_weights_psnr_db", sc, q["psnr_db"], *TARGETS["peer_same_weights_psnr_db"],
                              f"{p['system']} vs diffusers fp32, same weights and noise (below: not the same model)"))
+    extra = new_process_first_use(r)
+    if extra is not None:
+        np_ = r["cold_start"]["new_process"]
+        theirs = [f"{p['system']} {_ms(e)}" for p in peers_of(results, r) if (e := new_process_first_use(p)) is not None]
+        out.append(Check("new_process_first_use_s", sc, extra, *TARGETS["new_process_first_use_s"],
+                         f"new process: load {_ms(np_['load_s'])} + first image {_ms(np_['first_image_s'])} - warm image "
+                         f"{_ms(med)}" + (f"; the peers' new process the same way (imports apart): {', '.join(theirs)}"
+                                          if theirs else "")))
     best = best_peer(results, r)
     if r["vae"] == "tiny":
         out.append(Check("taesd_e2e_s", sc, med, *TARGETS["taesd_e2e_s"], f"latentrt with TAESD {_ms(med)}"))
