@@ -108,3 +108,26 @@ def test_a_record_for_another_precision_is_not_imported(bundle):
     dec = _decoder(bundle)
     dec(latent_sample=_latents())
     assert [c["source"] for c in dec.compilations] == ["compiled"]
+
+
+def test_the_mapping_lives_as_long_as_the_compiled_model(bundle):
+    """OpenVINO reads the imported model's weights from the mapped blob: evicting an imported shape,
+    dropping the engine or keeping only its compiled model must never leave it reading unmapped memory
+    (that crashed the process before the mapping was tied to the compiled model)."""
+    import gc
+
+    small = np.random.default_rng(5).standard_normal((1, 4, 8, 12)).astype(np.float32)
+    first = _decoder(bundle)
+    want = {8: first(latent_sample=_latents())["sample"], 12: first(latent_sample=small)["sample"]}
+    dec = bundle.engine("vae_decoder", "openvino", precision="fp32", shapes="static", max_shapes=1)
+    for _ in range(2):  # each call evicts the other shape's imported model
+        assert np.array_equal(dec(latent_sample=_latents())["sample"], want[8])
+        assert np.array_equal(dec(latent_sample=small)["sample"], want[12])
+        gc.collect()
+    assert {c["source"] for c in dec.compilations} == {"imported"} and len(dec._compiled) == 1
+    compiled = dec.compiled
+    del dec
+    gc.collect()
+    request = compiled.create_infer_request()
+    request.infer({0: small})
+    assert np.array_equal(request.get_output_tensor(0).data, want[12])

@@ -263,7 +263,7 @@ class OpenVINOEngine(Engine):
                 "threads": self._config.get("INFERENCE_NUM_THREADS"), "device": self._ov_device}
 
     def _build(self, key):
-        """(compiled model, infer request, mapping or None, record) for one key: imported from its
+        """(compiled model, infer request, record) for one key: imported from its
         recorded blob where there is one, else compiled (through OpenVINO's cache, which writes it)."""
         t0 = time.perf_counter()
         config = dict(self._config)
@@ -271,10 +271,9 @@ class OpenVINOEngine(Engine):
         if self._compiled_root is not None:
             cache_dir = self._compiled_root / compiled_key(self._model_sha, self.precision, key, self._ov.__version__,
                                                            config.get("INFERENCE_NUM_THREADS"))
-            hit = import_recorded(self._ov, self._core, cache_dir, self._ov_device, config, self._fields())
-            if hit is not None:
-                compiled, mapping = hit
-                return (compiled, compiled.create_infer_request(), mapping,
+            compiled = import_recorded(self._ov, self._core, cache_dir, self._ov_device, config, self._fields())
+            if compiled is not None:
+                return (compiled, compiled.create_infer_request(),
                         {"shapes": key, "seconds": time.perf_counter() - t0, "cache_dir": str(cache_dir),
                          "source": "imported"})
             try:
@@ -295,7 +294,7 @@ class OpenVINOEngine(Engine):
             ) from None
         if cache_dir is not None:
             record(cache_dir, self._fields(), key)
-        return (compiled, compiled.create_infer_request(), None,
+        return (compiled, compiled.create_infer_request(),
                 {"shapes": key, "seconds": time.perf_counter() - t0,
                  "cache_dir": str(cache_dir) if cache_dir else None, "source": "compiled"})
 
@@ -304,13 +303,13 @@ class OpenVINOEngine(Engine):
         if hit is not None:
             self._compiled.move_to_end(key)
             return hit
-        compiled, request, mapping, how = self._build(key)
+        compiled, request, how = self._build(key)
         if len(compiled.outputs) != len(self._output_names):
             raise RuntimeError(
                 f"{self.name}: the OpenVINO model has {len(compiled.outputs)} outputs but the manifest declares "
                 f"{len(self._output_names)} ({', '.join(self._output_names)}); re-export the bundle"
             )
-        self._compiled[key] = entry = (compiled, request, mapping)
+        self._compiled[key] = entry = (compiled, request)
         while len(self._compiled) > (1 if key is None else self.max_shapes):
             self._compiled.popitem(last=False)
         self.compilations.append(how)
@@ -320,7 +319,7 @@ class OpenVINOEngine(Engine):
         key = None if self.shapes == "dynamic" else tuple(sorted((n, tuple(np.shape(a))) for n, a in arrays.items()
                                                                  if n in self._dtypes))
         with self._request_lock:
-            request = self._entry(key)[1]
+            _, request = self._entry(key)
             request.infer(arrays, share_inputs=True)
             if self.op_times is not None:
                 for p in request.get_profiling_info():

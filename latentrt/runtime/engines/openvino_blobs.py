@@ -14,7 +14,8 @@ OpenVINO's blob is its own format: an XML header line naming the OpenVINO versio
 export. A blob whose header is not the one expected (another OpenVINO version, a header alignment
 this code does not know, a size other than recorded) is not imported here; the engine then takes
 OpenVINO's own path, which checks and rewrites it. The mapping stays open for the compiled model's
-life: OpenVINO's CPU plugin keeps pointers into it (closing it under a live model crashed).
+life (it is an attribute of the compiled model's Python object): OpenVINO's CPU plugin keeps pointers
+into it (closing it under a live model crashed).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def _read_record(folder: Path) -> dict | None:
 
 
 def import_recorded(ov, core, folder: Path, device: str, config: dict, fields: dict):
-    """(compiled model, mapping) from the blob recorded in ``folder``, or None where there is no
-    usable record (the caller then compiles through OpenVINO's cache)."""
+    """The compiled model of the blob recorded in ``folder`` (holding the blob's mapping), or None
+    where there is no usable record (the caller then compiles through OpenVINO's cache)."""
     rec = _read_record(folder)
     if rec is None or any(rec.get(k) != v for k, v in fields.items()):
         return None
@@ -100,8 +101,7 @@ def import_recorded(ov, core, folder: Path, device: str, config: dict, fields: d
         logger.info("could not import %s directly (%s: %s); compiling through OpenVINO's cache", path,
                     type(e).__name__, str(e).strip()[:200])
         return None
-    try:  # most recently used first for :func:`recent`
-        os.utime(folder / RECORD)
-    except OSError:
-        pass
-    return compiled, (mapping, data)
+    # the mapping lives exactly as long as the compiled model's Python object: a pipeline's entry holds
+    # (compiled model, infer request), which Python releases request first
+    compiled._latentrt_blob = (mapping, data)
+    return compiled
