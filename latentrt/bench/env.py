@@ -116,8 +116,9 @@ def capture(threads: int, *, gemm: bool = True, gemm_seconds: float = 0.6, gemm_
 
 def floor_rate_gflops(gemm: dict | None, precision: str) -> float | None:
     """The GEMM rate that bounds a component of ``precision`` on the CPU: bf16 uses the bf16 rate;
-    fp32 (and fp16, which ONNX Runtime's CPU provider computes in fp32) the best fp32 rate."""
-    if not gemm:
+    fp32 (and fp16, which ONNX Runtime's CPU provider computes in fp32) the best fp32 rate; int8 has no
+    probe here (None: no floor is claimed for it)."""
+    if not gemm or precision == "int8":
         return None
     if precision == "bf16":
         return gemm.get("torch_bf16_gflops")

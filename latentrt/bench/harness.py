@@ -293,7 +293,8 @@ class Runner:
         cold.setdefault("load_s", load_s)
         components = sorted(pipe.engines)
         # what each engine computes in (a backend may run an fp32 bundle in bf16): the floor depends on it
-        compute = {c: str(getattr(e, "precision", None) or m.components[c].precision) for c, e in pipe.engines.items()}
+        compute = {c: str(getattr(e, "compute_precision", None) or getattr(e, "precision", None) or m.components[c].precision)
+                   for c, e in pipe.engines.items()}
         del pipe
         gc.collect()
         isolated = None

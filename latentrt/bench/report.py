@@ -305,9 +305,11 @@ def results_table(results: list[dict]) -> str:
         cold, mem = r.get("cold_start", {}), r.get("memory", {})
         loads = f"{_ms(cold.get('load_first_s', cold.get('load_s')))} / {_ms(cold.get('load_second_s'))}"
         prec = r["precision"]
-        unet_prec = (r.get("compute_precision") or {}).get("unet")
-        if unet_prec and unet_prec != prec:
-            prec += f" ({unet_prec} compute)"
+        compute = r.get("compute_precision") or {}
+        unet_prec = compute.get("unet")
+        others = [f"{c} {p}" for c, p in sorted(compute.items()) if unet_prec and p != unet_prec and p == "int8"]
+        if unet_prec and (unet_prec != prec or others):
+            prec += f" ({unet_prec} compute" + "".join(f"; {o}" for o in others) + ")"
         lines.append(
             f"| {r['scenario']} | {r['system']} | {r['backend']} | {prec} | {r['vae']} | {_ms(r['e2e']['median'])} | "
             f"{_ms(r['e2e']['p90'])} | {_ms(r['e2e']['p99'])} | {_x(speed)} | {vs_peer} | {psnr_cell} | {_ms(te)} | "

@@ -61,3 +61,49 @@ def test_int8_calibration_errors(int8_bundle):
         latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration={"size": 3})
     with pytest.raises(ValueError, match="prompts must be 1..8"):
         latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration={"prompts": 0})
+
+
+def test_int8_vae_decoder(int8_bundle):
+    """int8_components=("vae_decoder",): the VAE decoder is quantized (calibrated on the latents the pipeline
+    decodes), the UNet is not, the image stays close to fp32, and its compiled models never share a cache
+    key with the same decoder left unquantized at precision int8."""
+    pipe = latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration=CAL,
+                         int8_components=("vae_decoder",), shapes="static")
+    dec, unet = pipe.engines["vae_decoder"], pipe.engines["unet"]
+    assert dec.cache_path.name.startswith("vae_decoder-int8-") and "int8" not in unet.cache_path.name
+    assert dec.compute_precision == "int8" and unet.compute_precision in ("bf16", "fp32")  # what the report shows
+    ops = Counter(op.get_type_name() for op in ov.Core().read_model(str(dec.cache_path)).get_ops())
+    assert ops["FakeQuantize"] > 0 and ops["Convolution"] > 0
+    image = pipe(**CALL, generator=0).images
+    reference = latentrt.load(int8_bundle, backend="openvino", precision="fp32")(**CALL, generator=0).images
+    assert np.isfinite(image).all() and psnr(image, reference) >= 30.0
+    plain = latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration=CAL, shapes="static")
+    plain(**CALL, generator=0)
+    assert "int8" not in plain.engines["vae_decoder"].cache_path.name
+    assert plain.engines["vae_decoder"].compilations[-1]["cache_dir"] != dec.compilations[-1]["cache_dir"]
+    assert plain.engines["unet"].compilations[-1]["cache_dir"] != unet.compilations[-1]["cache_dir"]
+
+
+@pytest.mark.parametrize("value", ["text_encoder", (), ("unet", "vae"), 3])
+def test_int8_components_errors(int8_bundle, value):
+    with pytest.raises(ValueError, match=r"int8_components must name one or more of \['unet', 'vae_decoder'\]"):
+        latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_components=value)
+
+
+def test_int8_components_values():
+    from latentrt.runtime.engines.openvino_int8 import int8_components
+
+    assert int8_components(None) == ("unet",)
+    assert int8_components("vae_decoder") == ("vae_decoder",)
+    assert int8_components("unet, vae_decoder") == ("unet", "vae_decoder")  # --engine-option int8_components=a,b
+    assert int8_components(["vae_decoder"]) == ("vae_decoder",)  # a TOML list
+    with pytest.raises(ValueError, match="int8_components"):
+        int8_components("")
+
+
+def test_no_floor_is_claimed_for_int8():
+    from latentrt.bench.env import floor_rate_gflops
+
+    gemm = {"numpy_fp32_gflops": 200.0, "torch_fp32_gflops": 150.0, "torch_bf16_gflops": 900.0}
+    assert floor_rate_gflops(gemm, "bf16") == 900.0 and floor_rate_gflops(gemm, "fp32") == 200.0
+    assert floor_rate_gflops(gemm, "int8") is None  # no int8 GEMM probe: an fp32 rate would be no floor

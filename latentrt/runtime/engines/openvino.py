@@ -16,9 +16,10 @@ Precision (``precision=`` engine option, else ``$LATENTRT_OPENVINO_PRECISION``, 
 - ``"fp32"``: full precision; images match ONNX Runtime within 1e-4;
 - ``"fp16"``: fp16 compute where the CPU has AVX512-FP16 (experimental: better accuracy than bf16,
   but slower than fp32 on CPUs without AMX-FP16, e.g. Sapphire Rapids);
-- ``"int8"``: the UNet hybrid-quantized by NNCF (int8 convolutions on AMX / VNNI, int8-weight MatMuls),
-  calibrated once through the pipeline and cached (:mod:`.openvino_int8`); the other components run
-  in bf16 where the CPU has it, else fp32. Check its images with the benchmark's quality gate.
+- ``"int8"``: the UNet (engine option ``int8_components``: and/or the VAE decoder) hybrid-quantized by
+  NNCF (int8 convolutions on AMX / VNNI, int8-weight MatMuls), calibrated once through the pipeline and
+  cached (:mod:`.openvino_int8`); the other components run in bf16 where the CPU has it, else fp32
+  (:attr:`OpenVINOEngine.compute_precision` says which). Check its images with the benchmark's quality gate.
 
 Start-up: the first load converts the ONNX graph to OpenVINO IR under ``<bundle cache>/openvino``
 (keyed by the model's sha256, the OpenVINO version and the weight storage type, see
@@ -48,7 +49,8 @@ from .base import Engine
 from .onnxruntime import default_threads
 from .openvino_blobs import import_recorded, record
 from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph, mark_decompression
-from .openvino_int8 import QUANTIZED, int8_ir
+from .openvino_int8 import int8_components as _int8_components
+from .openvino_int8 import int8_ir
 
 logger = logging.getLogger("latentrt")
 
@@ -188,7 +190,7 @@ class OpenVINOEngine(Engine):
     ``cache`` (False: no IR conversion cache and no compiled-model cache), ``shapes``
     ("dynamic", the default: one model for every shape, compiled at load; "static": compile per
     concrete input shape on first use), ``max_shapes`` (compiled models kept per engine, default
-    :data:`MAX_SHAPES`), ``int8_calibration`` (:mod:`.openvino_int8`) and ``profile`` (OpenVINO's
+    :data:`MAX_SHAPES`), ``int8_calibration`` and ``int8_components`` (:mod:`.openvino_int8`) and ``profile`` (OpenVINO's
     per-op counters summed in :attr:`op_times`; ``python -m latentrt.bench.opprofile``).
 
     Static shapes: the first call with a new set of input shapes reshapes the IR to them and compiles
@@ -206,7 +208,8 @@ class OpenVINOEngine(Engine):
 
     def __init__(self, name, path, inputs, outputs, *, device="cpu", threads=None, cache_dir=None, model_sha="",
                  manifest_entry=None, bundle=None, precision=None, cache: bool = True, shapes: str = "dynamic",
-                 max_shapes: int = MAX_SHAPES, int8_calibration: dict | None = None, profile: bool = False):
+                 max_shapes: int = MAX_SHAPES, int8_calibration: dict | None = None, profile: bool = False,
+                 int8_components=None):
         super().__init__(name, inputs, outputs)
         ov = _import_openvino()
         if device not in DEVICES:
@@ -230,7 +233,12 @@ class OpenVINOEngine(Engine):
         if profile:
             self._config["PERF_COUNT"] = True
         model_path = Path(path)
-        if self.precision == "int8" and name in QUANTIZED:
+        quantized = _int8_components(int8_components)
+        #: what this component computes in: "int8" where it is quantized, else the precision hint's
+        #: (a component left unquantized at precision "int8" computes in bf16 or fp32)
+        self.compute_precision = "int8" if self.precision == "int8" and name in quantized else \
+            {v: k for k, v in PRECISIONS.items()}[self._config["INFERENCE_PRECISION_HINT"]]
+        if self.precision == "int8" and name in quantized:
             if cache_dir is None:
                 raise ValueError(f"{name}: precision='int8' keeps its calibrated model in the bundle's cache; "
                                  "load the bundle with latentrt.load (not a bare engine)")
@@ -241,6 +249,10 @@ class OpenVINOEngine(Engine):
         self.cache_path = model_path if model_path != Path(path) else None
         self._model_path = model_path
         self._model_sha = model_sha or str(model_path)
+        if self.precision == "int8" and name in quantized:
+            # the calibrated IR's own name (its calibration key) is part of every compiled model's key: the
+            # same component at precision int8 quantized or not, or calibrated otherwise, is another model
+            self._model_sha = f"{self._model_sha}|{model_path.name}"
         self._compiled_root = Path(cache_dir) / "openvino" / "compiled" if cache and cache_dir is not None else None
         self._compiled: OrderedDict = OrderedDict()  # shape key -> (compiled model, infer request)
         self._request_lock = threading.Lock()  # one infer request per shape: concurrent pipeline calls take turns

@@ -1,5 +1,5 @@
-"""``precision="int8"`` on the OpenVINO backend: the UNet hybrid-quantized with NNCF, calibrated
-through the pipeline itself, stored in the bundle's cache.
+"""``precision="int8"`` on the OpenVINO backend: the UNet (and, with ``int8_components``, the VAE
+decoder) hybrid-quantized with NNCF, calibrated through the pipeline itself, stored in the bundle's cache.
 
 Why hybrid: this CPU family has AMX int8 tiles (twice the bf16 rate), and convolutions hold most of
 an SD UNet's FLOPs. NNCF's full quantization (int8 weights and activations) of every layer hurts
@@ -10,6 +10,11 @@ diffusion images, so, as optimum-intel does for its diffusion pipelines, the lay
 - everything else that NNCF quantizes, convolutions first: int8 weights *and* activations
   (``nncf.quantize``, transformer model type, SmoothQuant off), calibrated on the UNet inputs that
   the pipeline produces for a few prompts (:func:`calibration_samples`: a bf16 run of this bundle).
+
+Which components: ``int8_components`` (default ``("unet",)``; ``("vae_decoder",)`` or both). Where it pays
+depends on the CPU: on a 2-core AMD EPYC with AVX512-VNNI and no AMX the int8 UNet was slower than bf16,
+while the int8 VAE decoder took 2.05-2.11 s against bf16's 3.29-3.46 s at 512x512 (one process, interleaved;
+``benchmarks/RESULTS.md`` has the pipeline run and its quality gate).
 
 The other components run in bf16 (on CPUs without bf16, fp32). The quantized IR lives at
 ``<bundle cache>/openvino/<component>-int8-<key>.xml``, keyed by the component's sha256, the OpenVINO
@@ -25,8 +30,26 @@ import json
 import os
 from pathlib import Path
 
-#: the components that get quantized; the others run at the int8 precision's compute hint (bf16)
-QUANTIZED = ("unet",)
+#: the components that can be quantized (engine option ``int8_components``); the others run at the int8
+#: precision's compute hint (bf16 where the CPU has it)
+QUANTIZABLE = ("unet", "vae_decoder")
+#: what ``precision="int8"`` quantizes unless ``int8_components`` says otherwise
+DEFAULT_COMPONENTS = ("unet",)
+
+
+def int8_components(value) -> tuple[str, ...]:
+    """The checked ``int8_components`` engine option (None: :data:`DEFAULT_COMPONENTS`)."""
+    if value is None:
+        return DEFAULT_COMPONENTS
+    names = tuple(n.strip() for n in value.split(",")) if isinstance(value, str) else value  # CLI: a,b
+    try:
+        names = tuple(names)
+    except TypeError:
+        names = (value,)
+    bad = [n for n in names if n not in QUANTIZABLE]
+    if bad or not names:
+        raise ValueError(f"int8_components must name one or more of {list(QUANTIZABLE)}; got {value!r}")
+    return names
 #: calibration prompts (a prompt and its seed per calibration image)
 PROMPTS = (
     "a photograph of an astronaut riding a horse on the moon, highly detailed",
@@ -79,9 +102,11 @@ def calibration_samples(bundle, component: str, cal: dict, threads) -> list[dict
         return run(arrays)
 
     engine.run = recording
+    # the UNet's inputs are all seen before decoding; the VAE decoder's need the decode itself
+    output_type = "np" if component == "vae_decoder" else "latent"
     for i, prompt in enumerate(PROMPTS[: int(cal["prompts"])]):
         pipe(prompt, height=cal["height"], width=cal["width"], num_inference_steps=int(cal["steps"]), generator=i,
-             output_type="latent")
+             output_type=output_type)
     return samples
 
 
