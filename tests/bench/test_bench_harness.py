@@ -55,8 +55,10 @@ def test_shipped_scenario_files_load():
     assert [s.backend for s in scen] == ["onnxruntime", "onnxruntime", "openvino", "openvino"]
     assert all((s.height, s.width, s.steps, s.batch, s.model) == (512, 512, 4, 1, "sd15-lcm") for s in scen)
     assert scen[1].resolved_baseline_vae == "full" and scen[0].resolved_baseline_precision == "fp32"
-    for name in ("tiny_lcm_smoke.toml", "sd15_lcm_cuda.toml"):
-        assert load_scenarios(os.path.join(REPO, "benchmarks/scenarios", name))
+    names = sorted(n for n in os.listdir(os.path.join(REPO, "benchmarks/scenarios")) if n.endswith(".toml"))
+    assert {"tiny_lcm_smoke.toml", "sd15_lcm_cuda.toml", "sd15_lcm_int8_vae.toml"} <= set(names)
+    for name in names:  # every shipped file parses and checks
+        assert load_scenarios(os.path.join(REPO, "benchmarks/scenarios", name)), name
     over = load_scenarios(os.path.join(REPO, "benchmarks/scenarios/sd15_lcm_cpu.toml"), {"height": 256},
                           ["sd15-512-4steps-taesd"])
     assert [(s.name, s.height) for s in over] == [("sd15-512-4steps-taesd", 256)]
