@@ -56,6 +56,7 @@ logger = logging.getLogger("latentrt")
 
 #: our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+_HINT_PRECISIONS = {v: k for k, v in PRECISIONS.items()}
 #: our device names -> OpenVINO device names
 DEVICES = {"cpu": "CPU", "gpu": "GPU", "auto": "AUTO"}
 #: OpenVINO capability that each reduced precision needs on the CPU
@@ -233,12 +234,12 @@ class OpenVINOEngine(Engine):
         if profile:
             self._config["PERF_COUNT"] = True
         model_path = Path(path)
-        quantized = _int8_components(int8_components)
+        components = _int8_components(int8_components)  # checked whatever the precision
+        quantized = self.precision == "int8" and name in components
         #: what this component computes in: "int8" where it is quantized, else the precision hint's
         #: (a component left unquantized at precision "int8" computes in bf16 or fp32)
-        self.compute_precision = "int8" if self.precision == "int8" and name in quantized else \
-            {v: k for k, v in PRECISIONS.items()}[self._config["INFERENCE_PRECISION_HINT"]]
-        if self.precision == "int8" and name in quantized:
+        self.compute_precision = "int8" if quantized else _HINT_PRECISIONS[self._config["INFERENCE_PRECISION_HINT"]]
+        if quantized:
             if cache_dir is None:
                 raise ValueError(f"{name}: precision='int8' keeps its calibrated model in the bundle's cache; "
                                  "load the bundle with latentrt.load (not a bare engine)")
@@ -249,7 +250,7 @@ class OpenVINOEngine(Engine):
         self.cache_path = model_path if model_path != Path(path) else None
         self._model_path = model_path
         self._model_sha = model_sha or str(model_path)
-        if self.precision == "int8" and name in quantized:
+        if quantized:
             # the calibrated IR's own name (its calibration key) is part of every compiled model's key: the
             # same component at precision int8 quantized or not, or calibrated otherwise, is another model
             self._model_sha = f"{self._model_sha}|{model_path.name}"
@@ -280,12 +281,13 @@ class OpenVINOEngine(Engine):
         t0 = time.perf_counter()
         config = dict(self._config)
         cache_dir = None
+        # the direct import is what was measured and tested on the CPU plugin; GPU / AUTO keep OpenVINO's lookup
+        direct = self._ov_device == "CPU"
         if self._compiled_root is not None:
             cache_dir = self._compiled_root / compiled_key(self._model_sha, self.precision, key, self._ov.__version__,
                                                            config.get("INFERENCE_NUM_THREADS"))
-            # the direct import is what was measured and tested on the CPU plugin; GPU / AUTO keep OpenVINO's lookup
             compiled = (import_recorded(self._ov, self._core, cache_dir, self._ov_device, config, self._fields())
-                        if self._ov_device == "CPU" else None)
+                        if direct else None)
             if compiled is not None:
                 return (compiled, compiled.create_infer_request(),
                         {"shapes": key, "seconds": time.perf_counter() - t0, "cache_dir": str(cache_dir),
@@ -306,7 +308,7 @@ class OpenVINOEngine(Engine):
                 f"{self.name}: OpenVINO could not compile {self._model_path}{shape} ({type(e).__name__}: "
                 f"{str(e).strip()[:300]}); re-export the bundle, or use backend='onnxruntime'"
             ) from None
-        if cache_dir is not None and self._ov_device == "CPU":
+        if cache_dir is not None and direct:
             record(cache_dir, self._fields(), key)
         return (compiled, compiled.create_infer_request(),
                 {"shapes": key, "seconds": time.perf_counter() - t0,

@@ -7,13 +7,13 @@ blob of exactly one (model, precision, shapes, OpenVINO version, threads) key
 (:func:`.openvino.compiled_key`), so once a compile has written it we record which file it is in
 ``latentrt.json`` beside it, and a later process maps that file and hands it to ``import_model``
 directly: no IR read, no reshape, no hash. For the full-size SD1.5 LCM pipeline (2-core EPYC, bf16,
-static shapes) a new process's first-use imports went from 2.2-3.2 s to 1.3-1.5 s and its peak RSS
-from 5.37 to 4.39 GiB (``benchmarks/cold_start.py``, the figures in ``benchmarks/RESULTS.md``).
+static shapes) a new process's first-use imports of its three models went from 2.08-2.97 s to 1.37-1.76 s
+and its peak RSS from 5.37 to 4.39 GiB (``benchmarks/cold_start.py``, the figures in ``benchmarks/RESULTS.md``).
 
 OpenVINO's blob is its own format: an XML header line naming the OpenVINO version, then the plugin's
 export. A blob whose header is not the one expected (another OpenVINO version, a header alignment
 this code does not know, a size other than recorded) is not imported here; the engine then takes
-OpenVINO's own path, which checks and rewrites it. The mapping stays open for the compiled model's
+OpenVINO's own path, which checks the blob itself (and compiles again what it cannot import). The mapping stays open for the compiled model's
 life (it is an attribute of the compiled model's Python object): OpenVINO's CPU plugin keeps pointers
 into it (closing it under a live model crashed).
 """
@@ -38,10 +38,6 @@ _HEADER_MAX = 4096
 
 def _shapes_to_json(shapes):
     return None if shapes is None else [[n, list(s)] for n, s in shapes]
-
-
-def _shapes_from_json(value):
-    return None if value is None else tuple((str(n), tuple(int(d) for d in s)) for n, s in value)
 
 
 def record(folder: Path, fields: dict, shapes) -> None:

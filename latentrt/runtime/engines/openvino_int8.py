@@ -13,8 +13,9 @@ diffusion images, so, as optimum-intel does for its diffusion pipelines, the lay
 
 Which components: ``int8_components`` (default ``("unet",)``; ``("vae_decoder",)`` or both). Where it pays
 depends on the CPU: on a 2-core AMD EPYC with AVX512-VNNI and no AMX the int8 UNet was slower than bf16,
-while the int8 VAE decoder took 2.05-2.11 s against bf16's 3.29-3.46 s at 512x512 (one process, interleaved;
-``benchmarks/RESULTS.md`` has the pipeline run and its quality gate).
+while an int8 VAE decoder (plain NNCF quantization on 3 random latents, one process, interleaved) took
+2.05-2.11 s against bf16's 3.29-3.46 s at 512x512; through the pipeline, hybrid and calibrated as above,
+1943 vs 3348 ms (``benchmarks/RESULTS.md`` has that run and its quality gate).
 
 The other components run in bf16 (on CPUs without bf16, fp32). The quantized IR lives at
 ``<bundle cache>/openvino/<component>-int8-<key>.xml``, keyed by the component's sha256, the OpenVINO
