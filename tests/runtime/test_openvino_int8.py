@@ -1,4 +1,4 @@
-"""precision="int8" on the openvino backend (NNCF hybrid quantization of the UNet), on the tiny LCM.
+"""precision="int8" on the openvino backend (NNCF quantization of the UNet), on the tiny LCM.
 
 The UNet IR is quantized once (int8 weights, FakeQuantize on activations), calibrated through the
 pipeline, kept in the bundle's cache and reused by the next load; the other components run at the
@@ -82,6 +82,54 @@ def test_int8_vae_decoder(int8_bundle):
     assert "int8" not in plain.engines["vae_decoder"].cache_path.name
     assert plain.engines["vae_decoder"].compilations[-1]["cache_dir"] != dec.compilations[-1]["cache_dir"]
     assert plain.engines["unet"].compilations[-1]["cache_dir"] != unet.compilations[-1]["cache_dir"]
+
+
+def _activation_quantized_matmuls(model) -> int:
+    """MatMuls with a weight whose other (activation) input comes through a FakeQuantize."""
+    def weight(value) -> bool:
+        node = value.get_node()
+        while node.get_type_name() in ("Convert", "Reshape", "Transpose", "Subtract", "Multiply"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    count = 0
+    for op in model.get_ops():
+        if op.get_type_name() == "MatMul":
+            ins = [op.input_value(i) for i in range(2)]
+            if any(weight(v) for v in ins) and any(v.get_node().get_type_name() == "FakeQuantize" for v in ins):
+                count += 1
+    return count
+
+
+def test_int8_method_full_and_hybrid(int8_bundle):
+    """int8_method: "full" (the default) quantizes the weighted MatMuls' activations too, "hybrid" keeps
+    them bf16 with int8 weights; each is its own cached IR, and both images stay close to fp32."""
+    full = latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration=CAL)
+    hybrid = latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration=CAL,
+                           int8_method="hybrid")
+    f, h = full.engines["unet"].cache_path, hybrid.engines["unet"].cache_path
+    assert f != h and f.name.startswith("unet-int8-") and h.name.startswith("unet-int8-")
+    core = ov.Core()
+    assert _activation_quantized_matmuls(core.read_model(str(f))) > 0
+    assert _activation_quantized_matmuls(core.read_model(str(h))) == 0
+    hybrid_consts = Counter(str(op.get_element_type()) for op in core.read_model(str(h)).get_ops()
+                            if op.get_type_name() == "Constant")
+    assert hybrid_consts["<Type: 'uint8_t'>"] + hybrid_consts["<Type: 'int8_t'>"] > 0
+    reference = latentrt.load(int8_bundle, backend="openvino", precision="fp32")(**CALL, generator=0).images
+    for pipe in (full, hybrid):
+        image = pipe(**CALL, generator=0).images
+        assert np.isfinite(image).all() and psnr(image, reference) >= 30.0
+
+
+def test_int8_method_values(int8_bundle):
+    from latentrt.runtime.engines.openvino_int8 import int8_method
+
+    assert int8_method(None) == "full" and int8_method("hybrid") == "hybrid"
+    for bad in ("smooth", "", 8):
+        with pytest.raises(ValueError, match=r"int8_method must be one of \['full', 'hybrid'\]"):
+            int8_method(bad)
+    with pytest.raises(ValueError, match="int8_method must be one of"):  # checked whatever the precision
+        latentrt.load(int8_bundle, backend="openvino", precision="fp32", int8_method="Full")
 
 
 @pytest.mark.parametrize("value", ["text_encoder", (), ("unet", "vae"), 3])

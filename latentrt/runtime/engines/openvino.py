@@ -16,9 +16,9 @@ Precision (``precision=`` engine option, else ``$LATENTRT_OPENVINO_PRECISION``, 
 - ``"fp32"``: full precision; images match ONNX Runtime within 1e-4;
 - ``"fp16"``: fp16 compute where the CPU has AVX512-FP16 (experimental: better accuracy than bf16,
   but slower than fp32 on CPUs without AMX-FP16, e.g. Sapphire Rapids);
-- ``"int8"``: the UNet (engine option ``int8_components``: and/or the VAE decoder) hybrid-quantized by
-  NNCF (int8 convolutions on AMX / VNNI, int8-weight MatMuls), calibrated once through the pipeline and
-  cached (:mod:`.openvino_int8`); the other components run in bf16 where the CPU has it, else fp32
+- ``"int8"``: the UNet (engine option ``int8_components``: and/or the VAE decoder) quantized by NNCF
+  (``int8_method``: "full", int8 convolutions and MatMuls on AMX / VNNI, or "hybrid", int8-weight
+  MatMuls), calibrated once through the pipeline and cached (:mod:`.openvino_int8`); the other components run in bf16 where the CPU has it, else fp32
   (:attr:`OpenVINOEngine.compute_precision` says which). Check its images with the benchmark's quality gate.
 
 Start-up: the first load converts the ONNX graph to OpenVINO IR under ``<bundle cache>/openvino``
@@ -50,6 +50,7 @@ from .onnxruntime import default_threads
 from .openvino_blobs import import_recorded, record
 from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph, mark_decompression
 from .openvino_int8 import int8_components as _int8_components
+from .openvino_int8 import int8_method as _int8_method
 from .openvino_int8 import int8_ir
 
 logger = logging.getLogger("latentrt")
@@ -191,7 +192,7 @@ class OpenVINOEngine(Engine):
     ``cache`` (False: no IR conversion cache and no compiled-model cache), ``shapes``
     ("dynamic", the default: one model for every shape, compiled at load; "static": compile per
     concrete input shape on first use), ``max_shapes`` (compiled models kept per engine, default
-    :data:`MAX_SHAPES`), ``int8_calibration`` and ``int8_components`` (:mod:`.openvino_int8`) and ``profile`` (OpenVINO's
+    :data:`MAX_SHAPES`), ``int8_calibration``, ``int8_components`` and ``int8_method`` (:mod:`.openvino_int8`) and ``profile`` (OpenVINO's
     per-op counters summed in :attr:`op_times`; ``python -m latentrt.bench.opprofile``).
 
     Static shapes: the first call with a new set of input shapes reshapes the IR to them and compiles
@@ -210,7 +211,7 @@ class OpenVINOEngine(Engine):
     def __init__(self, name, path, inputs, outputs, *, device="cpu", threads=None, cache_dir=None, model_sha="",
                  manifest_entry=None, bundle=None, precision=None, cache: bool = True, shapes: str = "dynamic",
                  max_shapes: int = MAX_SHAPES, int8_calibration: dict | None = None, profile: bool = False,
-                 int8_components=None):
+                 int8_components=None, int8_method=None):
         super().__init__(name, inputs, outputs)
         ov = _import_openvino()
         if device not in DEVICES:
@@ -234,7 +235,8 @@ class OpenVINOEngine(Engine):
         if profile:
             self._config["PERF_COUNT"] = True
         model_path = Path(path)
-        components = _int8_components(int8_components)  # checked whatever the precision
+        components = _int8_components(int8_components)  # both checked whatever the precision
+        method = _int8_method(int8_method)
         quantized = self.precision == "int8" and name in components
         #: what this component computes in: "int8" where it is quantized, else the precision hint's
         #: (a component left unquantized at precision "int8" computes in bf16 or fp32)
@@ -244,7 +246,7 @@ class OpenVINOEngine(Engine):
                 raise ValueError(f"{name}: precision='int8' keeps its calibrated model in the bundle's cache; "
                                  "load the bundle with latentrt.load (not a bare engine)")
             model_path = int8_ir(ov, self._core, name, model_path, Path(cache_dir), model_sha, bundle,
-                                 int8_calibration, self._config.get("INFERENCE_NUM_THREADS"))
+                                 int8_calibration, self._config.get("INFERENCE_NUM_THREADS"), method=method)
         elif cache and cache_dir is not None:
             model_path = _ir_cache(ov, self._core, name, model_path, Path(cache_dir), model_sha, self.precision)
         self.cache_path = model_path if model_path != Path(path) else None

@@ -1,34 +1,37 @@
 """``precision="int8"`` on the OpenVINO backend: the UNet (and, with ``int8_components``, the VAE
-decoder) hybrid-quantized with NNCF, calibrated through the pipeline itself, stored in the bundle's cache.
+decoder) quantized with NNCF, calibrated through the pipeline itself, stored in the bundle's cache.
 
-Why hybrid: this CPU family has AMX int8 tiles (twice the bf16 rate), and convolutions hold most of
-an SD UNet's FLOPs. NNCF's full quantization (int8 weights and activations) of every layer hurts
-diffusion images, so, as optimum-intel does for its diffusion pipelines, the layers are split:
+How (engine option ``int8_method``):
 
-- MatMuls and embeddings with weights (attention projections, feed-forwards, time embedding): int8
-  *weights* only (``nncf.compress_weights``, asymmetric per channel), computed in bf16;
-- everything else that NNCF quantizes, convolutions first: int8 weights *and* activations
-  (``nncf.quantize``, transformer model type, SmoothQuant off), calibrated on the UNet inputs that
+- ``"full"`` (the default): every convolution and MatMul that NNCF quantizes gets int8 weights *and*
+  activations (``nncf.quantize``, transformer model type, SmoothQuant off), calibrated on the inputs that
   the pipeline produces for a few prompts (:func:`calibration_samples`: a bf16 run of this bundle).
+- ``"hybrid"``, as optimum-intel does for its diffusion pipelines: MatMuls and embeddings with weights
+  (attention projections, feed-forwards, time embedding) get int8 *weights* only (``nncf.compress_weights``,
+  asymmetric per channel), computed in bf16; the rest, convolutions first, is quantized as in ``"full"``.
 
-Which components: ``int8_components`` (default ``("unet",)``; ``("vae_decoder",)`` or both). Where it pays
-depends on the CPU: on a 2-core AMD EPYC with AVX512-VNNI and no AMX the int8 UNet was slower than bf16,
-while an int8 VAE decoder (plain NNCF quantization on 3 random latents, one process, interleaved) took
-2.05-2.11 s against bf16's 3.29-3.46 s at 512x512; through the pipeline, hybrid and calibrated as above,
-1943 vs 3348 ms (``benchmarks/RESULTS.md`` has that run and its quality gate).
+Why "full" is the default: on a 2-core AMD EPYC with AVX512-VNNI and no AMX, the int8-weight MatMuls of
+"hybrid" are decompressed and computed in bf16, while "full" runs them on VNNI int8 kernels: through the pipeline (UNet and VAE decoder int8, 512x512, 4 steps)
+a UNet step took 779 ms against the peers' bf16 1238-1265 ms, 5.28 s end to end, 1.60x the faster peer,
+at 40.0 dB against diffusers fp32 over 8 prompts (``benchmarks/scenarios/sd15_lcm_peers_int8_full.toml``;
+``benchmarks/int8_unet_ab.py`` times both methods against fp32 and bf16 on the CPU at hand). Whether the
+images stay close enough to fp32 is for the benchmark's quality gate to say (``latentrt bench`` with
+``quality_samples``), not assumed here.
 
-The other components run in bf16 (on CPUs without bf16, fp32). The quantized IR lives at
+Which components: ``int8_components`` (default ``("unet",)``; ``("vae_decoder",)`` or both). The others run
+in bf16 (on CPUs without bf16, fp32). The quantized IR lives at
 ``<bundle cache>/openvino/<component>-int8-<key>.xml``, keyed by the component's sha256, the OpenVINO
-and NNCF versions and the calibration settings; it is made once (minutes for a full-size UNet) and
-mapped by every later load. Whether the images stay close enough to fp32 is for the benchmark's
-quality gate to say (``latentrt bench`` with ``quality_samples``), not assumed here.
+and NNCF versions, the method and the calibration settings; it is made once (minutes for a full-size
+UNet) and mapped by every later load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 #: the components that can be quantized (engine option ``int8_components``); the others run at the int8
@@ -63,7 +66,18 @@ PROMPTS = (
     "a red vintage car parked on a cobblestone street",
 )
 DEFAULT_CALIBRATION = {"prompts": 4, "steps": 4, "height": None, "width": None}
-METHOD = "hybrid-v1"
+#: ``int8_method`` -> the version of it that a cached IR's key names (a change to a method bumps it)
+METHODS = {"full": "full-v1", "hybrid": "hybrid-v1"}
+DEFAULT_METHOD = "full"
+
+
+def int8_method(value) -> str:
+    """The checked ``int8_method`` engine option (None: :data:`DEFAULT_METHOD`)."""
+    if value is None:
+        return DEFAULT_METHOD
+    if value not in METHODS:
+        raise ValueError(f"int8_method must be one of {list(METHODS)}; got {value!r}")
+    return value
 
 
 def _import_nncf():
@@ -124,30 +138,36 @@ def _weighted_matmuls(model) -> list[str]:
             and any(constant(op.input_value(i)) for i in range(2))]
 
 
-def hybrid_quantize(model, samples: list[dict]):
-    """The hybrid int8 model (see the module docstring) of an fp32-compute OpenVINO model."""
+def quantize(model, samples: list[dict], method: str = DEFAULT_METHOD):
+    """The int8 model (``method``: see the module docstring) of an fp32-compute OpenVINO model."""
     nncf = _import_nncf()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
-    matmuls = _weighted_matmuls(model)
-    has_conv = any(op.get_type_name() == "Convolution" for op in model.get_ops())
-    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                  ignored_scope=nncf.IgnoredScope(types=["Convolution"]) if has_conv else None)
+    ignored = None
+    if method == "hybrid":
+        matmuls = _weighted_matmuls(model)
+        has_conv = any(op.get_type_name() == "Convolution" for op in model.get_ops())
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"]) if has_conv else None)
+        ignored = nncf.IgnoredScope(names=matmuls, validate=False)
+    elif method != "full":
+        raise ValueError(f"int8_method must be one of {list(METHODS)}; got {method!r}")
     return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
-                         ignored_scope=nncf.IgnoredScope(names=matmuls, validate=False),
+                         ignored_scope=ignored,
                          advanced_parameters=AdvancedQuantizationParameters(
                              smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)))
 
 
 def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: str, bundle, cal_options,
-            threads, progress=None) -> Path:
-    """The hybrid-int8 IR of component ``name``, calibrated and saved once (see the module docstring)."""
+            threads, progress=None, method: str = DEFAULT_METHOD) -> Path:
+    """The int8 IR of component ``name`` (``method``), calibrated and saved once (see the module docstring)."""
     nncf = _import_nncf()
     if bundle is None:
         raise ValueError(f"{name}: precision='int8' calibrates through the bundle's pipeline; load it with "
                          "latentrt.load(bundle, backend='openvino', precision='int8')")
     cal = calibration_settings(bundle, cal_options)
-    key = hashlib.sha256(json.dumps([model_sha or str(onnx_path), ov.__version__, nncf.__version__, METHOD, cal],
+    method = int8_method(method)
+    key = hashlib.sha256(json.dumps([model_sha or str(onnx_path), ov.__version__, nncf.__version__, METHODS[method], cal],
                                     sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir / "openvino"
     xml = folder / f"{name}-int8-{key}.xml"
@@ -156,12 +176,13 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
     from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph
 
     if progress:
-        progress(f"{name}: calibrating int8 on {cal['prompts']} prompts at {cal['height']}x{cal['width']} (once)")
+        progress(f"{name}: calibrating int8 ({method}) on {cal['prompts']} prompts at {cal['height']}x{cal['width']} (once)")
     samples = calibration_samples(bundle, name, cal, threads)
     model = core.read_model(str(onnx_path))
     if is_f16_graph(model):
         model, _ = as_f32_with_f16_weights(model)
-    model = hybrid_quantize(model, samples)
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the caller's (JSON, images)
+        model = quantize(model, samples, method)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{xml.stem}.{os.getpid()}.tmp.xml"
     try:
@@ -172,5 +193,5 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
         for t in (tmp, tmp.with_suffix(".bin")):
             t.unlink(missing_ok=True)
     (folder / f"{xml.stem}.json").write_text(json.dumps({"calibration": cal, "samples": len(samples),
-                                                          "method": METHOD, "nncf": nncf.__version__}, indent=2))
+                                                          "method": METHODS[method], "nncf": nncf.__version__}, indent=2))
     return xml
