@@ -1,6 +1,7 @@
 """Where a new process's first image from an already-used bundle goes (issue 18, cold start).
 
     python benchmarks/cold_start.py BUNDLE [--runs 2] [--shapes dynamic static] [--precision bf16] [--vae full]
+        [--engine-option int8_components=unet,vae_decoder ...]
 
 For each ``--shapes`` mode (``static-ovlookup``: without the direct import of recorded blobs; see
 ``--help``), ``--runs`` fresh processes in turn (interleaved across modes), each timing: imports (numpy,
@@ -24,7 +25,8 @@ import sys
 import time
 
 
-def child(bundle: str, shapes: str, precision: str, vae: str, size: int, steps: int, threads: int) -> dict:
+def child(bundle: str, shapes: str, precision: str, vae: str, size: int, steps: int, threads: int,
+          options: dict | None = None) -> dict:
     t0 = time.perf_counter()
     import numpy  # noqa: F401
     import openvino  # noqa: F401
@@ -40,7 +42,7 @@ def child(bundle: str, shapes: str, precision: str, vae: str, size: int, steps: 
         from latentrt.runtime.engines import openvino as ov_engine
 
         ov_engine.import_recorded = lambda *args, **kwargs: None
-    pipe = latentrt.load(bundle, backend="openvino", precision=precision, shapes=mode, threads=threads)
+    pipe = latentrt.load(bundle, backend="openvino", precision=precision, shapes=mode, threads=threads, **(options or {}))
     t3 = time.perf_counter()
     kw = {"vae": vae} if vae != "full" else {}
     out = pipe("a photograph", height=size, width=size, num_inference_steps=steps, generator=0, output_type="np", **kw)
@@ -72,15 +74,21 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="another engine option of the openvino backend, e.g. int8_components=unet,vae_decoder")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        print(json.dumps(child(a.bundle, a.child, a.precision, a.vae, a.size, a.steps, a.threads)))
+        from latentrt.bench.opprofile import parsed_engine_options
+
+        print(json.dumps(child(a.bundle, a.child, a.precision, a.vae, a.size, a.steps, a.threads,
+                               parsed_engine_options(a))))
         return 0
     for run in range(a.runs):
         for shapes in a.shapes:
             cmd = [sys.executable, __file__, a.bundle, "--child", shapes, "--precision", a.precision, "--vae", a.vae,
-                   "--size", str(a.size), "--steps", str(a.steps), "--threads", str(a.threads)]
+                   "--size", str(a.size), "--steps", str(a.steps), "--threads", str(a.threads),
+                   *(x for o in a.engine_option for x in ("--engine-option", o))]
             t0 = time.perf_counter()
             r = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", env=dict(os.environ))
             wall = time.perf_counter() - t0

@@ -1,7 +1,8 @@
 """A/B: one UNet step of the full-size SD1.5 (LCM) architecture on the OpenVINO backend, fp32 and bf16
-against ``precision="int8"`` (the hybrid NNCF model: int8 convolutions, int8-weight MatMuls) and, optionally,
-a fully quantized variant (``--full``: every MatMul with int8 weights *and* activations, SmoothQuant on),
-to see whether int8 pays on the CPU at hand (AMX int8 tiles, or only AVX512-VNNI).
+against ``precision="int8"`` with each ``int8_method`` (``full``, the default: every convolution and MatMul
+with int8 weights *and* activations; ``hybrid``: int8 convolutions, int8-weight MatMuls computed in bf16)
+and, optionally, the full model with SmoothQuant on (``--smoothquant``), to see whether and how int8 pays
+on the CPU at hand (AMX int8 tiles, or only AVX512-VNNI).
 
 The benchmark bundle (:mod:`latentrt.bench.models`, built once) is loaded at each precision in one
 process; the int8 model is calibrated once through the pipeline (4 prompts, cached in the bundle). The
@@ -10,9 +11,9 @@ inputs are those of the second step of a real 512x512 LCM call; every variant is
 mean absolute difference); ratios are to the faster of fp32 and bf16. The kernels OpenVINO picked for the convolutions are printed per variant
 (``brgconv_avx512_amx_int8`` means AMX tiles; ``*_avx512_vnni`` / ``jit_avx512_core_vnni`` means VNNI).
 
-    flock /tmp/latentrt-heavy.lock python benchmarks/int8_unet_ab.py --rounds 8 [--full]
+    flock /tmp/latentrt-heavy.lock python benchmarks/int8_unet_ab.py --rounds 8 [--smoothquant]
 
-Heavy (3 full-size UNets in memory, a calibration and one or two quantizations on the first run): run it
+Heavy (4-5 full-size UNets in memory, a calibration and two or three quantizations on the first run): run it
 under the lock, alone. Image quality is not judged here: the quality gate of ``latentrt bench``
 (``benchmarks/scenarios/sd15_lcm_int8.toml``) does that against diffusers fp32.
 """
@@ -42,9 +43,9 @@ def step_inputs(pipe, size: int) -> dict:
     return seen[1]
 
 
-def full_int8_engine(pipe_float, threads: int, scratch: Path, progress=print):
-    """The UNet with every MatMul and convolution quantized (weights and activations, SmoothQuant),
-    calibrated on the same samples as the hybrid model; saved once under ``scratch``."""
+def smoothquant_int8_engine(pipe_float, threads: int, scratch: Path, progress=print):
+    """The UNet with every MatMul and convolution quantized (weights and activations) with SmoothQuant on,
+    calibrated on the same samples as the shipped methods; saved once under ``scratch``."""
     import openvino as ov
 
     from latentrt.runtime.engines.openvino import OpenVINOEngine
@@ -54,7 +55,7 @@ def full_int8_engine(pipe_float, threads: int, scratch: Path, progress=print):
     bundle = pipe_float.bundle
     if not xml.is_file():
         nncf = _import_nncf()
-        progress("quantizing the full-int8 variant (once)")
+        progress("quantizing the SmoothQuant int8 variant (once)")
         samples = calibration_samples(bundle, "unet", calibration_settings(bundle, None), threads)
         model = ov.Core().read_model(str(bundle.path / "unet" / "model.onnx"))
         model = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--full", action="store_true", help="also time the fully quantized UNet")
+    p.add_argument("--smoothquant", action="store_true", help="also time the full int8 UNet with SmoothQuant on")
     p.add_argument("--cache-dir", type=Path, help="default: the benchmark model cache")
     p.add_argument("--out", type=Path, help="append the result as a JSON line")
     args = p.parse_args(argv)
@@ -100,13 +101,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     fp32 = latentrt.load(bundle, backend="openvino", precision="fp32", threads=args.threads)
     bf16 = latentrt.load(bundle, backend="openvino", precision="bf16", threads=args.threads)
-    int8 = latentrt.load(bundle, backend="openvino", precision="int8", threads=args.threads)
-    print(f"loaded fp32, bf16 and int8 (calibrated once; its other layers compute in {int8.engines['text_encoder']._config['INFERENCE_PRECISION_HINT']}) "
+    int8 = latentrt.load(bundle, backend="openvino", precision="int8", int8_method="full", threads=args.threads)
+    hybrid = latentrt.load(bundle, backend="openvino", precision="int8", int8_method="hybrid", threads=args.threads)
+    print(f"loaded fp32, bf16 and int8 full and hybrid (calibrated once; its other layers compute in {int8.engines['text_encoder']._config['INFERENCE_PRECISION_HINT']}) "
           f"in {time.perf_counter() - t0:.1f}s", flush=True)
     feed = step_inputs(fp32, args.size)
-    engines = {"fp32": fp32.engines["unet"], "bf16": bf16.engines["unet"], "int8_hybrid": int8.engines["unet"]}
-    if args.full:
-        engines["int8_full"] = full_int8_engine(fp32, args.threads, cache / "int8_ab")
+    engines = {"fp32": fp32.engines["unet"], "bf16": bf16.engines["unet"], "int8_full": int8.engines["unet"],
+               "int8_hybrid": hybrid.engines["unet"]}
+    if args.smoothquant:
+        engines["int8_full_smoothquant"] = smoothquant_int8_engine(fp32, args.threads, cache / "int8_ab")
     outs = {v: e.run(dict(feed))["out_sample"] for v, e in engines.items()}
     res = interleaved({v: (lambda e=e: e.run(dict(feed))) for v, e in engines.items()}, rounds=args.rounds,
                       warmup=args.warmup)

@@ -153,7 +153,7 @@ def floor_table(profiled: dict, flops: dict, peak_gflops: float) -> dict:
 
 def main(argv=None) -> int:
     from .models import model_folder_of
-    from .opprofile import profile, profile_arguments
+    from .opprofile import parsed_engine_options, profile, profile_arguments
 
     a = profile_arguments(__doc__.splitlines()[0], threads=2).parse_args(argv)
     folder = model_folder_of(Path(a.bundle))
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{a.bundle}: the diffusers folder it was exported from is gone; its FLOPs cannot be counted")
     peak = openvino_gemm_gflops(a.precision, a.threads)
     profiled = profile(a.bundle, height=a.height, width=a.width, steps=a.steps, precision=a.precision,
-                       threads=a.threads, top=1000)
+                       threads=a.threads, top=1000, engine_options=parsed_engine_options(a))
     import torch
 
     torch.set_num_threads(a.threads)

@@ -1,6 +1,7 @@
 """Where the OpenVINO engines spend their time: per-op counters of one pipeline call, by op type.
 
     python -m latentrt.bench.opprofile BUNDLE [--height 512 --width 512 --steps 4 --precision bf16 --top 12]
+        [--engine-option shapes=static --engine-option int8_components=unet,vae_decoder ...]
 
 loads the bundle on the openvino backend with ``profile=True`` (OpenVINO's PERF_COUNT), makes one
 warm-up image and one profiled image, and prints JSON: per component, its total time in executed ops
@@ -24,10 +25,11 @@ def top_ops(op_times: dict, calls: int, top: int) -> dict:
 
 
 def profile(bundle: str, *, height: int, width: int, steps: int, precision: str, threads: int | None, top: int,
-            components=("unet", "vae_decoder")) -> dict:
+            components=("unet", "vae_decoder"), engine_options: dict | None = None) -> dict:
     import latentrt
 
-    pipe = latentrt.load(bundle, backend="openvino", precision=precision, threads=threads, profile=True)
+    pipe = latentrt.load(bundle, backend="openvino", precision=precision, threads=threads, profile=True,
+                         **(engine_options or {}))
     kw = dict(height=height, width=width, num_inference_steps=steps, output_type="np")
     pipe("a photograph", generator=0, **kw)  # compile and warm up
     for c in components:
@@ -47,7 +49,16 @@ def profile_arguments(description: str, threads: int | None = None) -> argparse.
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="another engine option of the openvino backend, e.g. shapes=static (repeatable)")
     return p
+
+
+def parsed_engine_options(args) -> dict:
+    """``--engine-option`` pairs, valued as ``latentrt generate`` values them."""
+    from ..commands.generate import engine_options
+
+    return {k: v for k, v in engine_options(args).items() if k != "threads"}
 
 
 def main(argv=None) -> int:
@@ -55,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=12)
     a = p.parse_args(argv)
     print(json.dumps(profile(a.bundle, height=a.height, width=a.width, steps=a.steps, precision=a.precision,
-                             threads=a.threads, top=a.top), indent=2))
+                             threads=a.threads, top=a.top, engine_options=parsed_engine_options(a)), indent=2))
     return 0
 
 

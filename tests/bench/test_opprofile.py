@@ -34,3 +34,21 @@ def test_no_counters_without_profile(lcm_bundle):
 
     pipe = latentrt.load(lcm_bundle, backend="openvino", precision="fp32")
     assert pipe.engines["unet"].op_times is None
+
+
+def test_engine_options_reach_the_profiled_pipeline(lcm_bundle, capsys):
+    """``--engine-option`` (as ``latentrt generate`` values them) is passed to the profiled load: with
+    shapes=static nothing compiles until the warm-up call, and an unknown value is the engine's own error."""
+    import json
+
+    from latentrt.bench.opprofile import main, parsed_engine_options, profile_arguments
+
+    args = profile_arguments("x").parse_args([str(lcm_bundle), "--engine-option", "shapes=static",
+                                              "--engine-option", "max_shapes=3", "--threads", "1"])
+    assert parsed_engine_options(args) == {"shapes": "static", "max_shapes": 3}  # threads travel on their own
+    assert main([str(lcm_bundle), "--height", "64", "--width", "64", "--steps", "1", "--precision", "fp32",
+                 "--threads", "1", "--top", "2", "--engine-option", "shapes=static"]) == 0
+    out = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
+    assert set(out) == {"unet", "vae_decoder"} and out["unet"]["seconds_per_call"] > 0
+    with pytest.raises(ValueError, match="shapes must be one of"):
+        main([str(lcm_bundle), "--precision", "fp32", "--engine-option", "shapes=fixed"])
