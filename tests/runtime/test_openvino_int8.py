@@ -155,3 +155,31 @@ def test_no_floor_is_claimed_for_int8():
     gemm = {"numpy_fp32_gflops": 200.0, "torch_fp32_gflops": 150.0, "torch_bf16_gflops": 900.0}
     assert floor_rate_gflops(gemm, "bf16") == 900.0 and floor_rate_gflops(gemm, "fp32") == 200.0
     assert floor_rate_gflops(gemm, "int8") is None  # no int8 GEMM probe: an fp32 rate would be no floor
+
+
+def test_cached_int8_load_does_not_import_nncf(int8_bundle):
+    """A load that finds its int8 IR cached needs no NNCF: a new process loads and runs without importing
+    it (``import nncf`` takes seconds, all of it a new process's start-up)."""
+    import json
+    import subprocess
+    import sys
+
+    latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration=CAL)  # cached from here on
+    code = ("import sys, json, latentrt\n"
+            f"p = latentrt.load({str(int8_bundle)!r}, backend='openvino', precision='int8', int8_calibration={CAL!r})\n"
+            f"p(**{CALL!r}, generator=0)\n"
+            "print(json.dumps({'nncf': any(m == 'nncf' or m.startswith('nncf.') for m in sys.modules), "
+            "'quantized': p.engines['unet'].compute_precision}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"nncf": False, "quantized": "int8"}
+
+
+def test_int8_without_nncf_says_what_to_install(int8_bundle, monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    with pytest.raises(ImportError, match=r"needs NNCF .*pip install 'latentrt\[cpu-fast\]'"):
+        latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration=CAL)
