@@ -10,13 +10,14 @@ How (engine option ``int8_method``):
   (attention projections, feed-forwards, time embedding) get int8 *weights* only (``nncf.compress_weights``,
   asymmetric per channel), computed in bf16; the rest, convolutions first, is quantized as in ``"full"``.
 
-Why "full" is the default: on a 2-core AMD EPYC with AVX512-VNNI and no AMX, the int8-weight MatMuls of
-"hybrid" are decompressed and computed in bf16, while "full" runs them on VNNI int8 kernels: through the pipeline (UNet and VAE decoder int8, 512x512, 4 steps)
-a UNet step took 779 ms against the peers' bf16 1238-1265 ms, 5.28 s end to end, 1.60x the faster peer,
-at 40.0 dB against diffusers fp32 over 8 prompts (``benchmarks/scenarios/sd15_lcm_peers_int8_full.toml``;
-``benchmarks/int8_unet_ab.py`` times both methods against fp32 and bf16 on the CPU at hand). Whether the
-images stay close enough to fp32 is for the benchmark's quality gate to say (``latentrt bench`` with
-``quality_samples``), not assumed here.
+Why "full" is the default: it was the faster method on both CPUs measured. One UNet step at 512x512, 2 threads,
+interleaved in one process (``benchmarks/int8_unet_ab.py``): on a 2-core AMD EPYC with AVX512-VNNI and no AMX,
+full 0.838 s, hybrid 0.974 s, bf16 1.206 s, fp32 2.260 s, both int8 methods at the same mean output error against
+fp32; on a 2-core Intel Xeon with VNNI and no AMX, full (with SmoothQuant) 1.685 s against hybrid's 1.791 s. Through
+the pipeline on that EPYC (UNet and VAE decoder int8 full, ``benchmarks/scenarios/sd15_lcm_peers_int8_full.toml``),
+an image took 5.28-6.12 s against the faster OpenVINO peer's 8.30-8.80 s in three runs, at 40.0 dB against diffusers
+fp32 over 8 prompts (``benchmarks/RESULTS.md``). Whether the images stay close enough to fp32 is for the benchmark's
+quality gate to say (``latentrt bench`` with ``quality_samples``), not assumed here.
 
 Which components: ``int8_components`` (default ``("unet",)``; ``("vae_decoder",)`` or both). The others run
 in bf16 (on CPUs without bf16, fp32). The quantized IR lives at
