@@ -15,7 +15,7 @@ interleaved in one process (``benchmarks/int8_unet_ab.py``): on a 2-core AMD EPY
 full 0.838 s, hybrid 0.974 s, bf16 1.206 s, fp32 2.260 s, both int8 methods at the same mean output error against
 fp32; on a 2-core Intel Xeon with VNNI and no AMX, full (with SmoothQuant) 1.685 s against hybrid's 1.791 s. Through
 the pipeline on that EPYC (UNet and VAE decoder int8 full, ``benchmarks/scenarios/sd15_lcm_peers_int8_full.toml``),
-an image took 5.28-6.12 s against the faster OpenVINO peer's 8.30-8.80 s in three runs, at 40.0 dB against diffusers
+an image took 5.28-6.12 s against the faster OpenVINO peer's 8.07-8.80 s in five runs, at 40.0 dB against diffusers
 fp32 over 8 prompts (``benchmarks/RESULTS.md``). Whether the images stay close enough to fp32 is for the benchmark's
 quality gate to say (``latentrt bench`` with ``quality_samples``), not assumed here.
 
