@@ -147,6 +147,19 @@ def unet_flops(results, rec) -> int | None:
     return None
 
 
+def _holds(value: float, op: str, target: float) -> bool:
+    return {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+
+
+def _factor(f: float) -> str:
+    """A margin factor at 2 decimals, more where 2 would round a miss or a near miss to 1.00."""
+    for digits in range(2, 6):
+        text = f"{f:.{digits}f}"
+        if float(text) != 1.0 or f == 1.0:
+            return text
+    return f"{f:.5f}"
+
+
 @dataclass
 class Check:
     name: str
@@ -160,7 +173,19 @@ class Check:
     def met(self) -> bool | None:
         if self.value is None or (isinstance(self.value, float) and math.isnan(self.value)):
             return None
-        return {">=": self.value >= self.target, "<=": self.value <= self.target, "<": self.value < self.target}[self.op]
+        return _holds(self.value, self.op, self.target)
+
+    @property
+    def shown(self) -> str:
+        """The value at 3 significant digits, or as many more as it takes not to read as the other side of the
+        target (1.4955 against ">= 1.5" shows as 1.496, not 1.5)."""
+        if self.met is None:
+            return "-"
+        for digits in range(3, 10):
+            text = f"{self.value:.{digits}g}"
+            if _holds(float(text), self.op, self.target) == self.met:
+                return text
+        return repr(self.value)
 
     @property
     def margin(self) -> str:
@@ -172,7 +197,7 @@ class Check:
             f = t / v if v else math.inf
         else:
             f = v / t if t else math.inf
-        return f"met with {1 / f:.2f}x headroom" if self.met else f"missed: needs {f:.2f}x improvement"
+        return f"met with {_factor(1 / f)}x headroom" if self.met else f"missed: needs {_factor(f)}x improvement"
 
     def to_dict(self) -> dict:
         return {"check": self.name, "scenario": self.scenario, "value": self.value, "op": self.op, "target": self.target,
@@ -354,7 +379,7 @@ def checks_table(checks: list[Check]) -> str:
     lines = ["| target | scenario | measured | goal | status | margin | how |", "|---|---|---|---|---|---|---|"]
     for c in checks:
         status = {True: "met", False: "**missed**", None: "n/a"}[c.met]
-        v = "-" if c.value is None else f"{c.value:.3g}"
+        v = "-" if c.value is None else (c.shown if c.met is not None else f"{c.value:.3g}")
         lines.append(f"| {c.name} | {c.scenario} | {v} | {c.op} {c.target:g} | {status} | {c.margin} | {c.detail} |")
     return "\n".join(lines)
 

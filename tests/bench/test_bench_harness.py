@@ -170,6 +170,21 @@ def test_target_checks_margin_and_floor(results_file):
     assert Check("x", "s", None, "<", 0.01).margin == "not measured"
 
 
+def test_a_near_miss_does_not_read_as_met():
+    """1.4955 against >= 1.5 was shown as "1.5 ... missed: needs 1.00x improvement" (peers run of 2026-12-03): the
+    value and the margin get the digits it takes to show which side of the target they are on."""
+    from latentrt.bench.report import checks_table
+
+    near = Check("e2e_speedup_vs_best_peer", "s", 1.4955, ">=", 1.5)
+    assert near.met is False and near.shown == "1.496" and near.margin == "missed: needs 1.003x improvement"
+    assert "| 1.496 | >= 1.5 | **missed** | missed: needs 1.003x improvement |" in checks_table([near])
+    assert Check("x", "s", 1.5004, ">=", 1.5).shown == "1.5"  # met, and 1.5 reads as met
+    assert Check("x", "s", 2.5004, "<=", 2.5).shown == "2.5004" and Check("x", "s", 2.5004, "<=", 2.5).met is False
+    assert Check("x", "s", 5.97, "<=", 2.0).shown == "5.97"  # far from the target: 3 digits as before
+    assert Check("x", "s", 1.0, ">=", 2.0).margin == "missed: needs 2.00x improvement"
+    assert Check("x", "s", float("nan"), ">=", 2.0).margin == "not measured"
+
+
 def test_read_results_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"schema": "other"}\n')
