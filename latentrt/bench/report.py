@@ -178,9 +178,11 @@ class Check:
     @property
     def shown(self) -> str:
         """The value at 3 significant digits, or as many more as it takes not to read as the other side of the
-        target (1.4955 against ">= 1.5" shows as 1.496, not 1.5)."""
-        if self.met is None:
+        target (1.4955 against ">= 1.5" shows as 1.496, not 1.5); "-" where nothing was measured."""
+        if self.value is None:
             return "-"
+        if self.met is None:  # NaN
+            return f"{self.value:.3g}"
         for digits in range(3, 10):
             text = f"{self.value:.{digits}g}"
             if _holds(float(text), self.op, self.target) == self.met:
@@ -379,8 +381,7 @@ def checks_table(checks: list[Check]) -> str:
     lines = ["| target | scenario | measured | goal | status | margin | how |", "|---|---|---|---|---|---|---|"]
     for c in checks:
         status = {True: "met", False: "**missed**", None: "n/a"}[c.met]
-        v = "-" if c.value is None else (c.shown if c.met is not None else f"{c.value:.3g}")
-        lines.append(f"| {c.name} | {c.scenario} | {v} | {c.op} {c.target:g} | {status} | {c.margin} | {c.detail} |")
+        lines.append(f"| {c.name} | {c.scenario} | {c.shown} | {c.op} {c.target:g} | {status} | {c.margin} | {c.detail} |")
     return "\n".join(lines)
 
 

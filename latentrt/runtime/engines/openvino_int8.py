@@ -159,14 +159,12 @@ def quantize(model, samples: list[dict], method: str = DEFAULT_METHOD):
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     ignored = None
-    if method == "hybrid":
+    if int8_method(method) == "hybrid":
         matmuls = _weighted_matmuls(model)
         has_conv = any(op.get_type_name() == "Convolution" for op in model.get_ops())
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
                                       ignored_scope=nncf.IgnoredScope(types=["Convolution"]) if has_conv else None)
         ignored = nncf.IgnoredScope(names=matmuls, validate=False)
-    elif method != "full":
-        raise ValueError(f"int8_method must be one of {list(METHODS)}; got {method!r}")
     return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
                          ignored_scope=ignored,
                          advanced_parameters=AdvancedQuantizationParameters(
