@@ -25,6 +25,10 @@ import sys
 import time
 
 
+#: what this script sets itself, and what to use instead of an ``--engine-option`` for it
+OWN_OPTIONS = {"precision": "--precision", "shapes": "--shapes", "threads": "--threads"}
+
+
 def child(bundle: str, shapes: str, precision: str, vae: str, size: int, steps: int, threads: int,
           options: dict | None = None) -> dict:
     t0 = time.perf_counter()
@@ -78,11 +82,11 @@ def main(argv=None) -> int:
                    help="another engine option of the openvino backend, e.g. int8_components=unet,vae_decoder")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.child:
-        from latentrt.bench.opprofile import parsed_engine_options
+    from latentrt.bench.opprofile import parsed_engine_options
 
-        print(json.dumps(child(a.bundle, a.child, a.precision, a.vae, a.size, a.steps, a.threads,
-                               parsed_engine_options(a))))
+    options = parsed_engine_options(a, OWN_OPTIONS)  # a bad --engine-option stops here, before any process starts
+    if a.child:
+        print(json.dumps(child(a.bundle, a.child, a.precision, a.vae, a.size, a.steps, a.threads, options)))
         return 0
     for run in range(a.runs):
         for shapes in a.shapes:

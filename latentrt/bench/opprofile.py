@@ -54,10 +54,19 @@ def profile_arguments(description: str, threads: int | None = None) -> argparse.
     return p
 
 
-def parsed_engine_options(args) -> dict:
-    """``--engine-option`` pairs, valued as ``latentrt generate`` values them."""
+#: what the profiling tools set themselves, and what to use instead of an ``--engine-option`` for it
+OWN_OPTIONS = {"precision": "--precision", "threads": "--threads", "profile": "nothing (always on here)"}
+
+
+def parsed_engine_options(args, own: dict = OWN_OPTIONS) -> dict:
+    """``--engine-option`` pairs, valued as ``latentrt generate`` values them; a key the tool sets itself
+    (``own``) is refused with what to use instead."""
+    from ..commands.export import parse_pairs
     from ..commands.generate import engine_options
 
+    taken = [k for k in parse_pairs(args.engine_option, "--engine-option") if k in own]
+    if taken:
+        raise SystemExit("; ".join(f"--engine-option {k}: set by this tool itself; use {own[k]}" for k in taken))
     return {k: v for k, v in engine_options(args).items() if k != "threads"}
 
 

@@ -52,3 +52,19 @@ def test_engine_options_reach_the_profiled_pipeline(lcm_bundle, capsys):
     assert set(out) == {"unet", "vae_decoder"} and out["unet"]["seconds_per_call"] > 0
     with pytest.raises(ValueError, match="shapes must be one of"):
         main([str(lcm_bundle), "--precision", "fp32", "--engine-option", "shapes=fixed"])
+    # what the tool sets itself is refused, naming the flag to use (not Python's duplicate-keyword TypeError)
+    for pair, hint in (("precision=int8", "use --precision"), ("threads=2", "use --threads"),
+                       ("profile=false", "always on")):
+        with pytest.raises(SystemExit, match=rf"--engine-option {pair.split('=')[0]}: set by this tool itself; .*{hint}"):
+            main([str(lcm_bundle), "--engine-option", pair])
+
+
+def test_cold_start_refuses_its_own_options():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cold_start.py"
+    r = subprocess.run([sys.executable, str(script), "no-such-bundle", "--engine-option", "shapes=static"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--engine-option shapes: set by this tool itself; use --shapes" in r.stderr
