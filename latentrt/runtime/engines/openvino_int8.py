@@ -172,17 +172,22 @@ def quantize(model, samples: list[dict], method: str = DEFAULT_METHOD):
 
 
 def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: str, bundle, cal_options,
-            threads, progress=None, method: str = DEFAULT_METHOD) -> Path:
+            threads, progress=None, method: str = DEFAULT_METHOD, groupnorm: bool = False) -> Path:
     """The int8 IR of component ``name`` (``method``), calibrated and saved once (see the module docstring).
-    A cached IR is found without importing NNCF (its version is read from the package's metadata)."""
+    A cached IR is found without importing NNCF (its version is read from the package's metadata). With
+    ``groupnorm``, GroupNorms are rewritten channels-last before quantizing (:mod:`.openvino_groupnorm`)."""
+    from .openvino_groupnorm import VERSION as GROUPNORM_VERSION
+
     nncf_version = _nncf_version()
     if bundle is None:
         raise ValueError(f"{name}: precision='int8' calibrates through the bundle's pipeline; load it with "
                          "latentrt.load(bundle, backend='openvino', precision='int8')")
     cal = calibration_settings(bundle, cal_options)
     method = int8_method(method)
-    key = hashlib.sha256(json.dumps([model_sha or str(onnx_path), ov.__version__, nncf_version, METHODS[method], cal],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    parts = [model_sha or str(onnx_path), ov.__version__, nncf_version, METHODS[method], cal]
+    if groupnorm:
+        parts.append(GROUPNORM_VERSION)
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir / "openvino"
     xml = folder / f"{name}-int8-{key}.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
@@ -195,6 +200,10 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
     model = core.read_model(str(onnx_path))
     if is_f16_graph(model):
         model, _ = as_f32_with_f16_weights(model)
+    if groupnorm:
+        from .openvino_groupnorm import rewrite_group_norms
+
+        rewrite_group_norms(model)
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the caller's (JSON, images)
         model = quantize(model, samples, method)
     folder.mkdir(parents=True, exist_ok=True)
