@@ -67,3 +67,11 @@ def test_the_cli_reports_both_components(lcm_bundle, capsys):
         rows = {r["category"]: r for r in out["components"][comp]["rows"]}
         assert rows["conv3x3"]["gflop"] > 0 and rows["conv3x3"]["seconds_per_call"] > 0
     assert {r["category"]: r for r in out["components"]["unet"]["rows"]}["attention"]["gflop"] > 0
+
+
+def test_the_int8_floor_is_an_int8_gemm():
+    """--precision int8: the floor's rate is OpenVINO's int8 FullyConnected, measured on its own time (the probe
+    raises when the plugin runs the quantized MatMul any other way, rather than report a float rate as int8's)."""
+    from latentrt.bench.opfloor import openvino_gemm_gflops
+
+    assert openvino_gemm_gflops("int8", 1, size=512, seconds=0.1) > 0
