@@ -67,3 +67,17 @@ def test_fp16_bundle_on_openvino_matches_fp32(lcm_bundle, lcm_bundle_fp16):
     assert unet.cache_path is not None
     assert unet.cache_path.read_text().count('name="decompression"') > 0
     assert [i.get_element_type() for i in unet.compiled.inputs][0] == ov.Type.f16  # sample stays fp16 I/O
+
+
+def test_fp16_bundle_with_static_shapes_gets_both_rewrites(lcm_bundle, lcm_bundle_fp16):
+    """Static shapes on the CPU: the fp16 graph made fp32 compute (its weights still marked decompression) and
+    its GroupNorms kept channels-last (openvino_groupnorm); the image stays within the fp16 tolerance."""
+    reference = latentrt.load(lcm_bundle)(**CALL, generator=0).images
+    pipe = latentrt.load(lcm_bundle_fp16, backend="openvino", precision="fp32", shapes="static")
+    image = pipe(**CALL, generator=0).images
+    assert float(np.abs(image - reference).max()) <= 2e-2
+    for name in ("unet", "vae_decoder"):
+        ir = pipe.engines[name].cache_path.read_text()
+        assert ir.count('name="decompression"') > 0, name
+        assert 'type="MVN"' not in ir or name == "unet", name  # the UNet's LayerNorms stay MVNs
+        assert "groupnorm_nhwc" in ir, name
