@@ -1,0 +1,120 @@
+"""A/B: one component of the full-size SD1.5 (LCM) benchmark bundle on OpenVINO's CPU plugin, its GroupNorms as
+exported (Reshape -> MVN, which makes the plugin reorder the tensor around every GroupNorm) against the
+channels-last rewrite of :mod:`latentrt.runtime.engines.openvino_groupnorm`, in one process, interleaved.
+
+    flock /tmp/latentrt-heavy.lock python benchmarks/groupnorm_ab.py --component vae_decoder --precision bf16 \\
+        --shapes static --rounds 7 [--out benchmarks/results/groupnorm_ab.jsonl]
+
+Both variants are compiled from the bundle's own ONNX graph with the engine's settings (LATENCY hint, the
+precision's inference hint, ``--threads``), at the ``--size`` of a text-to-image call (static: reshaped to it;
+dynamic: as exported). Inputs are random of the right shapes (the time does not depend on their values); the
+rewritten model's output is compared with the plain one's and both with an fp32 compile of the plain graph.
+``--precision int8``: the two calibrated int8 IRs of the component that the engine keeps in the bundle's cache
+(``int8_components`` = the component, ``int8_method="full"``): a static-shape engine's, quantized after the
+rewrite, and a dynamic-shape engine's, quantized without it (each calibrated on first use, minutes), both
+compiled at ``--shapes`` with the int8 precision's bf16 hint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from latentrt.bench.interleaved import append_jsonl, interleaved
+
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}
+
+
+def feeds(component: str, size: int, rng) -> dict:
+    lat = size // 8
+    if component == "vae_decoder":
+        return {"latent_sample": rng.standard_normal((1, 4, lat, lat)).astype(np.float32)}
+    return {"sample": rng.standard_normal((1, 4, lat, lat)).astype(np.float32),
+            "timestep": np.array([499.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, 77, 768)).astype(np.float32),
+            "timestep_cond": rng.standard_normal((1, 256)).astype(np.float32)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--component", choices=("vae_decoder", "unet"), default="vae_decoder")
+    p.add_argument("--precision", choices=tuple(HINTS), default="bf16")
+    p.add_argument("--shapes", choices=("static", "dynamic"), default="static")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", help="append the result as a JSON line")
+    args = p.parse_args(argv)
+
+    import openvino as ov
+
+    from latentrt.bench.models import default_cache_dir, ensure_bundle
+    from latentrt.runtime.bundle import Bundle
+    from latentrt.runtime.engines.openvino_f16 import as_f32_with_f16_weights, is_f16_graph
+    from latentrt.runtime.engines.openvino_groupnorm import rewrite_group_norms
+
+    bundle = Bundle(ensure_bundle("sd15-lcm", "fp32", default_cache_dir()))
+    onnx = str(bundle.file(bundle.manifest.components[args.component].path))
+    inputs = feeds(args.component, args.size, np.random.default_rng(0))
+    core = ov.Core()
+
+    int8_irs = {}
+    if args.precision == "int8":  # the engine's own calibrated IRs: static shapes -> rewritten, dynamic -> plain
+        for rewrite, shapes in ((True, "static"), (False, "dynamic")):
+            engine = bundle.engine(args.component, "openvino", precision="int8", threads=args.threads, shapes=shapes,
+                                   int8_components=args.component, int8_method="full")
+            int8_irs[rewrite] = str(engine.cache_path)
+            del engine
+
+    def compiled(rewrite: bool, hint: str):
+        if args.precision == "int8" and hint != "f32":
+            model = core.read_model(int8_irs[rewrite])
+            n = sum(op.get_friendly_name().endswith("/groupnorm_nhwc") for op in model.get_ordered_ops())
+        else:
+            model = core.read_model(onnx)
+            if is_f16_graph(model):
+                model, _ = as_f32_with_f16_weights(model)
+            n = rewrite_group_norms(model) if rewrite else 0
+        if args.shapes == "static":
+            model.reshape({k: list(v.shape) for k, v in inputs.items()})
+        t0 = time.perf_counter()
+        request = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+                                                    "INFERENCE_NUM_THREADS": args.threads}).create_infer_request()
+        return request, n, time.perf_counter() - t0
+
+    def output(request):
+        request.infer(inputs)
+        return request.get_output_tensor(0).data.copy()
+
+    reference = output(compiled(False, "f32")[0])
+    variants, outs, rewritten, compile_s = {}, {}, 0, {}
+    for name, rewrite in (("plain", False), ("rewritten", True)):
+        request, n, compile_s[name] = compiled(rewrite, HINTS[args.precision])
+        variants[name], outs[name] = request, output(request)
+        rewritten = max(rewritten, n)
+    res = interleaved({v: (lambda r=r: r.infer(inputs)) for v, r in variants.items()}, rounds=args.rounds,
+                      warmup=args.warmup)
+
+    def diff(a, b):
+        return {"max_abs": float(np.abs(a - b).max()), "mean_abs": float(np.abs(a - b).mean())}
+
+    m = res["median_s"]
+    res.update({"component": args.component, "precision": args.precision, "shapes": args.shapes, "size": args.size,
+                "threads": args.threads, "rounds": args.rounds, "groupnorms_rewritten": rewritten,
+                "compile_s": compile_s, "int8_irs": {("rewritten" if k else "plain"): v for k, v in int8_irs.items()}, "ratio_median": m["rewritten"] / m["plain"],
+                "rewritten_vs_plain": diff(outs["rewritten"], outs["plain"]),
+                "vs_fp32": {v: diff(o, reference) for v, o in outs.items()}, "openvino": ov.__version__})
+    print(f"{args.component}, {args.precision}, {args.shapes} shapes, {args.size}x{args.size}, {args.threads} threads, "
+          f"{args.rounds} rounds: plain {m['plain']:.3f}s, rewritten {m['rewritten']:.3f}s "
+          f"({res['ratio_median']:.3f}x; {rewritten} GroupNorms rewritten); output vs fp32 mean abs "
+          f"plain {res['vs_fp32']['plain']['mean_abs']:.3g}, rewritten {res['vs_fp32']['rewritten']['mean_abs']:.3g}")
+    append_jsonl(args.out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
