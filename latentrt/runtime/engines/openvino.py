@@ -22,7 +22,7 @@ Precision (``precision=`` engine option, else ``$LATENTRT_OPENVINO_PRECISION``, 
   (:attr:`OpenVINOEngine.compute_precision` says which). Check its images with the benchmark's quality gate.
 
 Start-up: the first load converts the ONNX graph to OpenVINO IR under ``<bundle cache>/openvino``
-(keyed by the model's sha256, the OpenVINO version and the weight storage type, see
+(keyed by the model's sha256, the OpenVINO version, the weight storage type and the rewrites applied, see
 :func:`_ir_cache`), so a second load maps the IR instead of parsing and converting the ONNX file.
 
 Shapes: dynamic by default (one compiled model serves every batch and resolution); ``shapes="static"``
@@ -210,7 +210,10 @@ class OpenVINOEngine(Engine):
     benchmarks/scenarios/sd15_openvino_shapes.toml is run); the compiled models of the last ``max_shapes`` shapes are kept, and each
     is persisted in OpenVINO's model cache under ``<bundle cache>/openvino/compiled/<key>``
     (:func:`compiled_key`), so a new process imports it instead of compiling, straight from the blob
-    (:mod:`.openvino_blobs`). Nothing is compiled at load: a component costs nothing until it is first
+    (:mod:`.openvino_blobs`). A static-shape engine on the CPU compiles an IR whose GroupNorms are
+    rewritten to stay channels-last (:mod:`.openvino_groupnorm`: without it the plugin reorders the whole
+    tensor before and after every GroupNorm; with dynamic shapes the rewrite measured slower, so dynamic
+    engines keep the plain IR). Nothing is compiled at load: a component costs nothing until it is first
     called (the VAE encoder of a text-to-image run). (Importing the last-used shapes in background
     threads at load was tried: on 2 cores the imports slowed each other and the first image by as much
     as they overlapped, 10.58 vs 10.49 s median process wall over 3 runs each, so it was left out.)

@@ -14,15 +14,16 @@ Why "full" is the default: it was the faster method on both CPUs measured. One U
 interleaved in one process (``benchmarks/int8_unet_ab.py``): on a 2-core AMD EPYC with AVX512-VNNI and no AMX,
 full 0.838 s, hybrid 0.974 s, bf16 1.206 s, fp32 2.260 s, both int8 methods at the same mean output error against
 fp32; on a 2-core Intel Xeon with VNNI and no AMX, full (with SmoothQuant) 1.685 s against hybrid's 1.791 s. Through
-the pipeline on that EPYC (UNet and VAE decoder int8 full, ``benchmarks/scenarios/sd15_lcm_peers_int8_full.toml``),
-an image took 5.28-6.12 s against the faster OpenVINO peer's 8.07-8.80 s in five runs, at 40.0 dB against diffusers
-fp32 over 8 prompts (``benchmarks/RESULTS.md``). Whether the images stay close enough to fp32 is for the benchmark's
+the pipeline on that EPYC (UNet and VAE decoder int8 full, static shapes, GroupNorms rewritten channels-last,
+``benchmarks/scenarios/sd15_lcm_peers_int8_full.toml``), an image took 4.70-5.16 s against the faster OpenVINO peer's
+7.58-8.09 s in four runs, at 39.9 dB against diffusers fp32 over 8 prompts (``benchmarks/RESULTS.md``). Whether the images stay close enough to fp32 is for the benchmark's
 quality gate to say (``latentrt bench`` with ``quality_samples``), not assumed here.
 
 Which components: ``int8_components`` (default ``("unet",)``; ``("vae_decoder",)`` or both). The others run
 in bf16 (on CPUs without bf16, fp32). The quantized IR lives at
 ``<bundle cache>/openvino/<component>-int8-<key>.xml``, keyed by the component's sha256, the OpenVINO
-and NNCF versions, the method and the calibration settings; it is made once (minutes for a full-size
+and NNCF versions, the method, the calibration settings and whether its GroupNorms were rewritten first (static
+shapes on the CPU, :mod:`.openvino_groupnorm`; the calibration then sees the rewritten graph); it is made once (minutes for a full-size
 UNet) and mapped by every later load.
 """
 
