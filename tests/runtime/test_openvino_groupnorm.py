@@ -109,6 +109,30 @@ def test_other_normalizations_are_left_alone(tmp_path):
     assert _mvns(model) == before
 
 
+def _hand_built(target, batch=2, channels=8, groups=4, out_shape=None):
+    """x -> Reshape(target) -> MVN(axis 2) -> Reshape(out_shape, else ShapeOf(x)), built with OpenVINO's opset."""
+    import openvino.opset13 as ops
+
+    x = ops.parameter([batch, channels, 3, 5], np.float32, name="x")
+    r = ops.reshape(x, ops.constant(np.array(target, np.int64)), True)
+    m = ops.mvn(r, ops.constant(np.array([2], np.int64)), True, 1e-5, "inside_sqrt")
+    shape = ops.constant(np.array(out_shape, np.int64)) if out_shape is not None else ops.shape_of(x)
+    return ov.Model([ops.reshape(m, shape, False)], [x])
+
+
+def test_only_per_sample_groups_are_rewritten():
+    """[0, G, -1] (and the static [N, G, -1]) is a GroupNorm; [1, G, -1] with a batch of 2 folds the batch into the
+    normalized axis, and a result reshaped to another shape is not x's: both are left alone. The rewritten ones compute
+    what the original computes."""
+    x = np.random.default_rng(0).standard_normal((2, 8, 3, 5)).astype(np.float32) * 3 + 1
+    for target, out_shape, rewritten in (([0, 4, -1], None, 1), ([2, 4, 30], None, 1), ([1, 4, -1], [2, 8, 3, 5], 0),
+                                         ([0, 4, -1], [2, 8, 5, 3], 0)):
+        model = _hand_built(target, out_shape=out_shape)
+        expected = _run(model, x)[0]
+        assert rewrite_group_norms(model) == rewritten, (target, out_shape)
+        np.testing.assert_allclose(_run(model, x)[0], expected, atol=1e-5, rtol=1e-5)
+
+
 class Block(torch.nn.Module):
     """conv -> GroupNorm -> SiLU -> conv with as many channels in as out (a ResNet block's first half)."""
 

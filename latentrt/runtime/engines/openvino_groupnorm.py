@@ -45,6 +45,10 @@ def _constant(value):
     return np.asarray(node.get_data(), dtype=np.float32).reshape(-1)
 
 
+def _same(a, b) -> bool:
+    return a.get_instance_id() == b.get_instance_id()
+
+
 def _is(dim, n: int) -> bool:
     """Whether a Dimension can be ``n`` (dynamic, or static and equal)."""
     return dim.is_dynamic or dim.get_length() == n
@@ -60,7 +64,7 @@ def _group_affine(node, groups: int, prev):
     """The instance norm's per-group scale or bias as [G] where ``node`` (Multiply or Add) applies a constant
     of shape [G], [1, G, 1] or a scalar to ``prev``'s output, else None."""
     for mine, other in ((1, 0), (0, 1)):
-        if node.input_value(other).get_node() is not prev:
+        if not _same(node.input_value(other).get_node(), prev):
             continue
         c = _constant(node.input_value(mine))
         if c is None:
@@ -73,6 +77,35 @@ def _group_affine(node, groups: int, prev):
                                  (shape.rank.get_length() <= 3 and _is(shape[shape.rank.get_length() - 1], 1))):
             return c
     return None
+
+
+def _groups_per_sample(reshape, xs, groups: int) -> bool:
+    """Whether ``reshape`` makes [N, G, -1] of x: a constant target whose batch is 0 (kept, with special_zero)
+    or x's own static batch, and whose last axis is -1 or the static rest (not a batch folded elsewhere)."""
+    target = reshape.input_value(1).get_node()
+    if target.get_type_name() != "Constant":
+        return False
+    t = [int(v) for v in target.get_data().reshape(-1)]
+    if len(t) != 3 or t[1] != groups:
+        return False
+    keep = reshape.get_attributes().get("special_zero", False)
+    batch_ok = (t[0] == 0 and keep) or (xs[0].is_static and t[0] == xs[0].get_length())
+    rest = [d.get_length() for d in list(xs)[1:]] if all(d.is_static for d in list(xs)[1:]) else None
+    last_ok = t[2] == -1 or (rest is not None and t[2] == int(np.prod(rest)) // groups)
+    return batch_ok and last_ok
+
+
+def _back_to_shape_of(reshape, x) -> bool:
+    """Whether ``reshape`` gives back x's own shape: its target is ShapeOf(x), or x's static shape."""
+    target = reshape.input_value(1)
+    node = target.get_node()
+    if node.get_type_name() == "ShapeOf":
+        source = node.input_value(0)
+        return _same(source.get_node(), x.get_node()) and source.get_index() == x.get_index()
+    xs = x.get_partial_shape()
+    if node.get_type_name() == "Constant" and xs.is_static:
+        return [int(v) for v in node.get_data().reshape(-1)] == [d.get_length() for d in xs]
+    return False
 
 
 def _match(mvn):
@@ -97,8 +130,7 @@ def _match(mvn):
     axes = _constant(mvn.input_value(1)) if mvn.get_input_size() > 1 else None
     if axes is None or sorted(int(a) % 3 for a in axes.reshape(-1)) != [2]:
         return None
-    # the batch must stay the batch: [N, G, -1] with N from x (0 with special_zero, or x's own static N)
-    if not (xs[0].compatible(gs[0])):
+    if not _groups_per_sample(reshape_in, xs, groups):
         return None
     scale, bias = np.ones(groups, np.float32), np.zeros(groups, np.float32)
     prev, node = mvn, _only_consumer(mvn.output(0))
@@ -114,13 +146,8 @@ def _match(mvn):
         bias, prev, node = found, node, _only_consumer(node.output(0))
     if node is None or node.get_type_name() != "Reshape":
         return None
-    out = node.get_output_partial_shape(0)
-    rank = xs.rank.get_length()
-    if out.rank.is_dynamic or out.rank.get_length() != rank or not _is(out[1], channels):
+    if not _back_to_shape_of(node, x):
         return None
-    for i in range(2, rank):  # the spatial axes come back as they went in
-        if out[i].is_static and xs[i].is_static and out[i].get_length() != xs[i].get_length():
-            return None
     return x, groups, float(attrs["eps"]), attrs.get("eps_mode", "INSIDE_SQRT").upper() == "INSIDE_SQRT", scale, bias, node
 
 
