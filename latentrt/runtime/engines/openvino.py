@@ -204,16 +204,16 @@ class OpenVINOEngine(Engine):
     per-op counters summed in :attr:`op_times`; ``python -m latentrt.bench.opprofile``).
 
     Static shapes: the first call with a new set of input shapes reshapes the IR to them and compiles
-    it (issue 18 reports a static UNet step 11-12% faster than the dynamic one at 512x512; this
-    work's one full-size run, on a heavily shared machine, saw the static VAE decoder slow down far
-    more than the peers', so static stays opt-in until the interleaved A/B of
-    benchmarks/scenarios/sd15_openvino_shapes.toml is run); the compiled models of the last ``max_shapes`` shapes are kept, and each
+    it (issue 18 reports a static UNet step 11-12% faster than the dynamic one at 512x512 on an AMX Xeon; on an
+    AMD EPYC without AMX the interleaved A/B of benchmarks/scenarios/sd15_openvino_shapes.toml showed no difference
+    before the GroupNorm rewrite below and, with it, UNet steps and VAE decodes 8-10% faster in both pairs; static
+    stays opt-in because every new shape compiles on its first call); the compiled models of the last ``max_shapes`` shapes are kept, and each
     is persisted in OpenVINO's model cache under ``<bundle cache>/openvino/compiled/<key>``
     (:func:`compiled_key`), so a new process imports it instead of compiling, straight from the blob
     (:mod:`.openvino_blobs`). A static-shape engine on the CPU compiles an IR whose GroupNorms are
     rewritten to stay channels-last (:mod:`.openvino_groupnorm`: without it the plugin reorders the whole
     tensor before and after every GroupNorm; with dynamic shapes the rewrite measured slower, so dynamic
-    engines keep the plain IR). Nothing is compiled at load: a component costs nothing until it is first
+    engines keep the plain IR; with ``cache=False`` there is no IR and the ONNX graph compiles as it is). Nothing is compiled at load: a component costs nothing until it is first
     called (the VAE encoder of a text-to-image run). (Importing the last-used shapes in background
     threads at load was tried: on 2 cores the imports slowed each other and the first image by as much
     as they overlapped, 10.58 vs 10.49 s median process wall over 3 runs each, so it was left out.)
