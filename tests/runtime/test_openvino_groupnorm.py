@@ -133,6 +133,38 @@ def test_only_per_sample_groups_are_rewritten():
         np.testing.assert_allclose(_run(model, x)[0], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_any_group_norm_shape_matches_the_plain_graph():
+    """Property test (hypothesis): for any batch, channel count, group count dividing it, spatial size, rank (3 or 4),
+    eps mode and offset of the data, the rewritten graph computes what the plain Reshape -> MVN graph computes."""
+    hypothesis = pytest.importorskip("hypothesis")
+    import openvino.opset13 as ops
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw):
+        groups = draw(st.integers(1, 4))
+        channels = groups * draw(st.integers(1, 4))
+        spatial = draw(st.lists(st.integers(1, 6), min_size=1, max_size=2))
+        return (draw(st.integers(1, 2)), channels, groups, spatial, draw(st.sampled_from(["inside_sqrt", "outside_sqrt"])),
+                draw(st.floats(1e-6, 1e-2)), draw(st.floats(-50, 50)), draw(st.integers(0, 2**16)))
+
+    @settings(max_examples=25, derandomize=True, database=None, deadline=None)
+    @given(cases())
+    def check(case):
+        batch, channels, groups, spatial, mode, eps, offset, seed = case
+        x = ops.parameter([-1, channels, *([-1] * len(spatial))], np.float32, name="x")
+        r = ops.reshape(x, ops.constant(np.array([0, groups, -1], np.int64)), True)
+        m = ops.mvn(r, ops.constant(np.array([2], np.int64)), True, eps, mode)
+        model = ov.Model([ops.reshape(m, ops.shape_of(x), False)], [x])
+        data = (np.random.default_rng(seed).standard_normal((batch, channels, *spatial)) + offset).astype(np.float32)
+        expected = _run(model, data)[0]
+        assert rewrite_group_norms(model) == 1
+        np.testing.assert_allclose(_run(model, data)[0], expected, atol=2e-4, rtol=1e-4)
+
+    check()
+
+
 class Block(torch.nn.Module):
     """conv -> GroupNorm -> SiLU -> conv with as many channels in as out (a ResNet block's first half)."""
 
