@@ -18,11 +18,11 @@ from latentrt.runtime.engines.openvino_groupnorm import rewrite_group_norms  # n
 class ConvNorm(torch.nn.Module):
     """conv -> GroupNorm -> SiLU -> conv, as in a ResNet block; and the VAE attention's 3-D GroupNorm."""
 
-    def __init__(self, channels=32, groups=8, affine=True, eps=1e-6, attention=False):
+    def __init__(self, channels=32, groups=8, affine=True, eps=1e-6, attention=False, in_channels=4, out_channels=4):
         super().__init__()
-        self.conv1 = torch.nn.Conv2d(4, channels, 3, padding=1)
+        self.conv1 = torch.nn.Conv2d(in_channels, channels, 3, padding=1)
         self.norm = torch.nn.GroupNorm(groups, channels, eps=eps, affine=affine)
-        self.conv2 = torch.nn.Conv2d(channels, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(channels, out_channels, 3, padding=1)
         self.attention = attention
         if affine:
             with torch.no_grad():
@@ -109,15 +109,16 @@ def test_other_normalizations_are_left_alone(tmp_path):
     assert _mvns(model) == before
 
 
-def _hand_built(target, batch=2, channels=8, groups=4, out_shape=None):
-    """x -> Reshape(target) -> MVN(axis 2) -> Reshape(out_shape, else ShapeOf(x)), built with OpenVINO's opset."""
+def _hand_built(target, shape=(2, 8, 3, 5), out_shape=None, eps=1e-5, mode="inside_sqrt"):
+    """x (``shape``, -1 for a dynamic axis) -> Reshape(target) -> MVN(axis 2) -> Reshape(out_shape, else ShapeOf(x)),
+    built with OpenVINO's opset."""
     import openvino.opset13 as ops
 
-    x = ops.parameter([batch, channels, 3, 5], np.float32, name="x")
+    x = ops.parameter(list(shape), np.float32, name="x")
     r = ops.reshape(x, ops.constant(np.array(target, np.int64)), True)
-    m = ops.mvn(r, ops.constant(np.array([2], np.int64)), True, 1e-5, "inside_sqrt")
-    shape = ops.constant(np.array(out_shape, np.int64)) if out_shape is not None else ops.shape_of(x)
-    return ov.Model([ops.reshape(m, shape, False)], [x])
+    m = ops.mvn(r, ops.constant(np.array([2], np.int64)), True, eps, mode)
+    back = ops.constant(np.array(out_shape, np.int64)) if out_shape is not None else ops.shape_of(x)
+    return ov.Model([ops.reshape(m, back, False)], [x])
 
 
 def test_only_per_sample_groups_are_rewritten():
@@ -137,7 +138,6 @@ def test_any_group_norm_shape_matches_the_plain_graph():
     """Property test (hypothesis): for any batch, channel count, group count dividing it, spatial size, rank (3 or 4),
     eps mode and offset of the data, the rewritten graph computes what the plain Reshape -> MVN graph computes."""
     hypothesis = pytest.importorskip("hypothesis")
-    import openvino.opset13 as ops
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -153,29 +153,13 @@ def test_any_group_norm_shape_matches_the_plain_graph():
     @given(cases())
     def check(case):
         batch, channels, groups, spatial, mode, eps, offset, seed = case
-        x = ops.parameter([-1, channels, *([-1] * len(spatial))], np.float32, name="x")
-        r = ops.reshape(x, ops.constant(np.array([0, groups, -1], np.int64)), True)
-        m = ops.mvn(r, ops.constant(np.array([2], np.int64)), True, eps, mode)
-        model = ov.Model([ops.reshape(m, ops.shape_of(x), False)], [x])
+        model = _hand_built([0, groups, -1], shape=(-1, channels, *([-1] * len(spatial))), eps=eps, mode=mode)
         data = (np.random.default_rng(seed).standard_normal((batch, channels, *spatial)) + offset).astype(np.float32)
         expected = _run(model, data)[0]
         assert rewrite_group_norms(model) == 1
         np.testing.assert_allclose(_run(model, data)[0], expected, atol=2e-4, rtol=1e-4)
 
     check()
-
-
-class Block(torch.nn.Module):
-    """conv -> GroupNorm -> SiLU -> conv with as many channels in as out (a ResNet block's first half)."""
-
-    def __init__(self, channels=64, groups=16):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm = torch.nn.GroupNorm(groups, channels)
-        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv2(torch.nn.functional.silu(self.norm(self.conv1(x))))
 
 
 @pytest.mark.parametrize("hint", ["f32", "bf16"])
@@ -188,7 +172,8 @@ def test_the_cpu_plugin_runs_it_without_reorders(tmp_path, hint):
         pytest.skip("this CPU has no bf16")
     torch.manual_seed(0)
     x = np.random.default_rng(0).standard_normal((1, 64, 32, 32)).astype(np.float32)
-    path = _export(Block(), torch.from_numpy(x), tmp_path / "m.onnx")
+    block = ConvNorm(channels=64, groups=16, in_channels=64, out_channels=64)  # a ResNet block's first half
+    path = _export(block, torch.from_numpy(x), tmp_path / "m.onnx")
 
     def full_size_reorders(rewrite: bool) -> int:
         model = ov.Core().read_model(path)

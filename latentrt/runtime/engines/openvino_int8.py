@@ -36,6 +36,9 @@ import os
 import sys
 from pathlib import Path
 
+from .openvino_groupnorm import VERSION as GROUPNORM_VERSION
+from .openvino_groupnorm import rewrite_group_norms
+
 #: the components that can be quantized (engine option ``int8_components``); the others run at the int8
 #: precision's compute hint (bf16 where the CPU has it)
 QUANTIZABLE = ("unet", "vae_decoder")
@@ -177,8 +180,6 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
     """The int8 IR of component ``name`` (``method``), calibrated and saved once (see the module docstring).
     A cached IR is found without importing NNCF (its version is read from the package's metadata). With
     ``groupnorm``, GroupNorms are rewritten channels-last before quantizing (:mod:`.openvino_groupnorm`)."""
-    from .openvino_groupnorm import VERSION as GROUPNORM_VERSION
-
     nncf_version = _nncf_version()
     if bundle is None:
         raise ValueError(f"{name}: precision='int8' calibrates through the bundle's pipeline; load it with "
@@ -202,8 +203,6 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
     if is_f16_graph(model):
         model, _ = as_f32_with_f16_weights(model)
     if groupnorm:
-        from .openvino_groupnorm import rewrite_group_norms
-
         rewrite_group_norms(model)
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the caller's (JSON, images)
         model = quantize(model, samples, method)
