@@ -5,8 +5,9 @@ Why: torch exports ``GroupNorm`` to ONNX as ``Reshape(x, [N, G, -1])`` -> ``Inst
 channels-last (``acdb``), but a Reshape that folds channels into the spatial axes needs the planar layout, so
 every GroupNorm costs two full-tensor reorders: the convolution's output to planar before it, and the
 activation (in int8, the quantized activation) back to channels-last after it. In the SD1.5 VAE decoder at
-512x512 those reorders were 0.35 s of a 2.4 s int8 decode (``python -m latentrt.bench.opprofile``, section
-"GroupNorm without reorders" of benchmarks/RESULTS.md); OpenVINO's own ``GroupNormalization`` op is
+512x512, Reorder ops were 0.403 s of the 2.425 s its int8 ops took (``python -m latentrt.bench.opprofile``,
+benchmarks/RESULTS.md, "Full int8 on AVX512-VNNI"); listing them in the compiled model put 0.35 s of that
+around the GroupNorms (section "GroupNorm without reorders"). OpenVINO's own ``GroupNormalization`` op is
 decomposed into the same Reshape -> MVN on this plugin.
 
 :func:`rewrite_group_norms` replaces each such pattern with operations that keep the 4-D tensor whole, so
