@@ -8,6 +8,7 @@ bf16/fp32 compute hint. On the tiny random model the images stay within 30 dB of
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 
@@ -41,6 +42,12 @@ def test_int8_unet_is_quantized_cached_and_close(int8_bundle, monkeypatch):
     consts = Counter(str(op.get_element_type()) for op in model.get_ops() if op.get_type_name() == "Constant")
     assert ops["FakeQuantize"] > 0, "no activation was quantized"
     assert consts["<Type: 'uint8_t'>"] + consts["<Type: 'int8_t'>"] > 0, "no weight was stored in int8"
+    # the CPU engine's convolutions take unsigned input without a zero point (openvino_u8conv)
+    lows = [op.input_value(0).get_node().input_value(3).get_node().get_data().min() for op in model.get_ops()
+            if op.get_type_name() == "Convolution" and op.input_value(0).get_node().get_type_name() == "FakeQuantize"]
+    assert lows and min(lows) == 0.0, lows
+    sidecar = json.loads(unet.cache_path.with_suffix(".json").read_text())
+    assert sidecar["unsigned_convolutions"] == len(lows) and sidecar["groupnorm"] is False
     image = pipe(**CALL, generator=0).images
     reference = latentrt.load(int8_bundle, backend="openvino", precision="fp32")(**CALL, generator=0).images
     assert np.isfinite(image).all() and psnr(image, reference) >= 30.0

@@ -22,8 +22,10 @@ quality gate to say (``latentrt bench`` with ``quality_samples``), not assumed h
 Which components: ``int8_components`` (default ``("unet",)``; ``("vae_decoder",)`` or both). The others run
 in bf16 (on CPUs without bf16, fp32). The quantized IR lives at
 ``<bundle cache>/openvino/<component>-int8-<key>.xml``, keyed by the component's sha256, the OpenVINO
-and NNCF versions, the method, the calibration settings and whether its GroupNorms were rewritten first (static
-shapes on the CPU, :mod:`.openvino_groupnorm`; the calibration then sees the rewritten graph); it is made once (minutes for a full-size
+and NNCF versions, the method, the calibration settings, whether its GroupNorms were rewritten first (static
+shapes on the CPU, :mod:`.openvino_groupnorm`; the calibration then sees the rewritten graph) and whether its
+convolutions' inputs were made unsigned afterwards (the CPU plugin, :mod:`.openvino_u8conv`: no zero-point
+compensation for oneDNN to compute at every blob import); it is made once (minutes for a full-size
 UNet) and mapped by every later load.
 """
 
@@ -36,8 +38,11 @@ import os
 import sys
 from pathlib import Path
 
+from ...manifest import write_json_atomic
 from .openvino_groupnorm import VERSION as GROUPNORM_VERSION
 from .openvino_groupnorm import rewrite_group_norms
+from .openvino_u8conv import VERSION as UNSIGNED_VERSION
+from .openvino_u8conv import unsigned_conv_inputs
 
 #: the components that can be quantized (engine option ``int8_components``); the others run at the int8
 #: precision's compute hint (bf16 where the CPU has it)
@@ -176,10 +181,12 @@ def quantize(model, samples: list[dict], method: str = DEFAULT_METHOD):
 
 
 def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: str, bundle, cal_options,
-            threads, progress=None, method: str = DEFAULT_METHOD, groupnorm: bool = False) -> Path:
+            threads, progress=None, method: str = DEFAULT_METHOD, groupnorm: bool = False,
+            unsigned: bool = False) -> Path:
     """The int8 IR of component ``name`` (``method``), calibrated and saved once (see the module docstring).
     A cached IR is found without importing NNCF (its version is read from the package's metadata). With
-    ``groupnorm``, GroupNorms are rewritten channels-last before quantizing (:mod:`.openvino_groupnorm`)."""
+    ``groupnorm``, GroupNorms are rewritten channels-last before quantizing (:mod:`.openvino_groupnorm`); with
+    ``unsigned``, the quantized convolutions' inputs are made unsigned after it (:mod:`.openvino_u8conv`)."""
     nncf_version = _nncf_version()
     if bundle is None:
         raise ValueError(f"{name}: precision='int8' calibrates through the bundle's pipeline; load it with "
@@ -189,6 +196,8 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
     parts = [model_sha or str(onnx_path), ov.__version__, nncf_version, METHODS[method], cal]
     if groupnorm:
         parts.append(GROUPNORM_VERSION)
+    if unsigned:
+        parts.append(UNSIGNED_VERSION)
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir / "openvino"
     xml = folder / f"{name}-int8-{key}.xml"
@@ -206,6 +215,7 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
         rewrite_group_norms(model)
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the caller's (JSON, images)
         model = quantize(model, samples, method)
+    rewritten = unsigned_conv_inputs(model) if unsigned else 0
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{xml.stem}.{os.getpid()}.tmp.xml"
     try:
@@ -215,6 +225,7 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
     finally:
         for t in (tmp, tmp.with_suffix(".bin")):
             t.unlink(missing_ok=True)
-    (folder / f"{xml.stem}.json").write_text(json.dumps({"calibration": cal, "samples": len(samples),
-                                                          "method": METHODS[method], "nncf": nncf_version}, indent=2))
+    write_json_atomic(folder / f"{xml.stem}.json", {"calibration": cal, "samples": len(samples),
+                                                     "method": METHODS[method], "nncf": nncf_version,
+                                                     "groupnorm": groupnorm, "unsigned_convolutions": rewritten})
     return xml
