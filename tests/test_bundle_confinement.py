@@ -152,6 +152,20 @@ def test_external_data_outside_the_bundle_is_refused(bundle_copy, tmp_path):
         latentrt.load(bundle_copy, verify=False)
 
 
+def test_external_data_is_checked_again_when_the_model_changes_after_verification(bundle_copy, tmp_path):
+    """Bundle.verify's external-data check is reused by Bundle.engine only while the model file is the one it
+    read (size, mtime, inode): a model replaced in between, with a reference out of the bundle, is refused."""
+    from latentrt.runtime.bundle import Bundle
+
+    bundle = Bundle(bundle_copy)  # verified: the UNet has no external data
+    assert bundle.external_data("unet") == []
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    _externalize(bundle_copy, "unet", "../../elsewhere/weights.bin", outside)  # a new file (new inode)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        bundle.engine("unet")
+
+
 def test_external_data_absolute_is_refused(bundle_copy, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()

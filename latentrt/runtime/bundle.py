@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..manifest import (REEXPORT_HINT, BundleError, Manifest, bundle_path, check_external_data, read_manifest,
-                        verify_files, write_json_atomic)
+from ..manifest import (REEXPORT_HINT, BundleError, Manifest, bundle_path, check_external_data, model_signature,
+                        read_manifest, verify_files, write_json_atomic)
 from .engines import engine_factory
 
 VERIFY_CACHE = "verified.json"
@@ -57,6 +57,8 @@ class Bundle:
         self.path = Path(path)
         self.manifest: Manifest = read_manifest(self.path)
         self.cache_dir = cache_dir_for(self.path)
+        #: component -> (model file signature, external-data files): checked once per process and file version
+        self._external: dict[str, tuple] = {}
         if verify:
             self.verify()
 
@@ -66,7 +68,7 @@ class Bundle:
             cache = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             cache = {}
-        updated = verify_files(self.path, self.manifest, components, cache=cache)
+        updated = verify_files(self.path, self.manifest, components, cache=cache, external=self._external)
         if updated != cache:
             try:
                 write_json_atomic(cache_file, updated)
@@ -96,12 +98,24 @@ class Bundle:
         factory = engine_factory(backend)
         _check_options(factory, backend, options)
         model = self.file(entry.path, f"component {component!r} model file")
-        check_external_data(self.path, entry)  # before any engine opens the model
+        self.external_data(component)  # before any engine opens the model
         return factory(
             component, model, entry.spec.inputs, entry.spec.outputs, device=device,
             cache_dir=self.cache_dir, model_sha=self.component_sha(component), manifest_entry=entry,
             bundle=self, **options,
         )
+
+    def external_data(self, component: str) -> list[str]:
+        """The checked external-data files of ``component``'s model (:func:`check_external_data`), parsed once
+        per process while its model file is unchanged (size, mtime, inode); :meth:`verify` fills it."""
+        entry = self.manifest.components[component]
+        signature = model_signature(self.path, entry)
+        hit = self._external.get(component)
+        if hit is not None and signature is not None and hit[0] == signature:
+            return list(hit[1])
+        files = check_external_data(self.path, entry)
+        self._external[component] = (signature, files)
+        return list(files)
 
     def scheduler_config(self, subfolder: str = "scheduler") -> dict:
         """``<subfolder>/scheduler_config.json``: the source's file as published (its own keys only),
