@@ -28,14 +28,17 @@ from latentrt.bench.interleaved import append_jsonl, interleaved
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}
 
 
-def feeds(component: str, size: int, rng) -> dict:
-    lat = size // 8
-    if component == "vae_decoder":
-        return {"latent_sample": rng.standard_normal((1, 4, lat, lat)).astype(np.float32)}
-    return {"sample": rng.standard_normal((1, 4, lat, lat)).astype(np.float32),
-            "timestep": np.array([499.0], np.float32),
-            "encoder_hidden_states": rng.standard_normal((1, 77, 768)).astype(np.float32),
-            "timestep_cond": rng.standard_normal((1, 256)).astype(np.float32)}
+def feeds(specs, size: int, rng) -> dict:
+    """Random inputs of a text-to-image call at ``size`` x ``size``, batch 1, from the manifest's input specs
+    (a UNet's ``timestep`` mid-schedule, 499)."""
+    from latentrt.spec import SymDim
+
+    sizes = {"B": 1, "H": size, "W": size}
+    out = {s.name: rng.standard_normal([d if isinstance(d, int) else SymDim.parse(d).evaluate(sizes)
+                                        for d in s.shape]).astype(s.dtype) for s in specs}
+    if "timestep" in out:
+        out["timestep"][...] = 499.0
+    return out
 
 
 def main(argv=None) -> int:
@@ -58,8 +61,9 @@ def main(argv=None) -> int:
     from latentrt.runtime.engines.openvino_groupnorm import rewrite_group_norms
 
     bundle = Bundle(ensure_bundle("sd15-lcm", "fp32", default_cache_dir()))
-    onnx = str(bundle.file(bundle.manifest.components[args.component].path))
-    inputs = feeds(args.component, args.size, np.random.default_rng(0))
+    entry = bundle.manifest.components[args.component]
+    onnx = str(bundle.file(entry.path))
+    inputs = feeds(entry.spec.inputs, args.size, np.random.default_rng(0))
     core = ov.Core()
 
     int8_irs = {}
