@@ -258,26 +258,15 @@ def check_external_data(bundle: str | os.PathLike, entry: ComponentEntry) -> lis
     return out
 
 
-def model_signature(bundle: str | os.PathLike, entry: ComponentEntry):
-    """(size, mtime_ns, inode) of component ``entry``'s model file, or None: what an in-process memo of
-    :func:`check_external_data` is keyed by."""
-    try:
-        st = bundle_path(bundle, entry.path, f"component {entry.name!r} model file").stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
 def verify_files(bundle: str | os.PathLike, manifest: Manifest, components=None, *, cache: dict | None = None,
-                 external: dict | None = None) -> dict:
+                 external_data=None) -> dict:
     """Check that every file of the named components exists with its recorded size and sha256.
 
     ``cache`` maps relative path -> [size, mtime_ns, sha256] of files already hashed; a file whose
     size and mtime are unchanged is not hashed again (that is what makes a second load fast). The
-    updated cache is returned. ``external``, where given, receives each component's
-    :func:`check_external_data` result as ``name -> (model_signature, files)``, for the caller to reuse
-    in this process (it is never written anywhere: a cache inside an untrusted bundle must not vouch
-    for what its models reference).
+    updated cache is returned. ``external_data(bundle, entry)`` checks each component's external-data
+    references (default :func:`check_external_data`; a :class:`~latentrt.runtime.bundle.Bundle` passes its
+    in-process memo of it).
     """
     bundle = Path(bundle)
     cache = dict(cache or {})
@@ -303,8 +292,5 @@ def verify_files(bundle: str | os.PathLike, manifest: Manifest, components=None,
             if actual != digest:
                 raise BundleError(f"{bundle}: {rel} is corrupted (sha256 does not match the manifest); {REEXPORT_HINT}")
             cache[rel] = [st.st_size, st.st_mtime_ns, digest]
-        signature = model_signature(bundle, entry)
-        files = check_external_data(bundle, entry)  # after the hashes: a corrupted file is reported as such
-        if external is not None:
-            external[name] = (signature, files)
+        (external_data or check_external_data)(bundle, entry)  # after the hashes: a corrupted file is reported as such
     return cache

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..manifest import (REEXPORT_HINT, BundleError, Manifest, bundle_path, check_external_data, model_signature,
-                        read_manifest, verify_files, write_json_atomic)
+from ..manifest import (REEXPORT_HINT, BundleError, Manifest, bundle_path, check_external_data, read_manifest,
+                        verify_files, write_json_atomic)
 from .engines import engine_factory
 
 VERIFY_CACHE = "verified.json"
@@ -68,7 +68,8 @@ class Bundle:
             cache = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             cache = {}
-        updated = verify_files(self.path, self.manifest, components, cache=cache, external=self._external)
+        updated = verify_files(self.path, self.manifest, components, cache=cache,
+                               external_data=lambda _bundle, entry: self.external_data(entry.name))
         if updated != cache:
             try:
                 write_json_atomic(cache_file, updated)
@@ -109,7 +110,11 @@ class Bundle:
         """The checked external-data files of ``component``'s model (:func:`check_external_data`), parsed once
         per process while its model file is unchanged (size, mtime, inode); :meth:`verify` fills it."""
         entry = self.manifest.components[component]
-        signature = model_signature(self.path, entry)
+        try:  # what the memo is keyed by: a cache inside an untrusted bundle must not vouch for it, so none is written
+            st = self.file(entry.path, f"component {component!r} model file").stat()
+            signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError:
+            signature = None
         hit = self._external.get(component)
         if hit is not None and signature is not None and hit[0] == signature:
             return list(hit[1])

@@ -40,6 +40,9 @@ import numpy as np
 VERSION = "u8c1"
 #: the friendly-name suffix of the Add that shifts a rewritten convolution's input
 SUFFIX = "/u8_shift"
+#: the level count of the quantizers rewritten: NNCF's activation quantizers, what was measured (with 255, for
+#: one, the plugin's own int8 mapping already differed from the FakeQuantize's arithmetic, rewritten or not)
+LEVELS = 256
 
 
 def _folded(value):
@@ -66,21 +69,17 @@ def _scalar(value) -> float | None:
 
 
 def _range(fq):
-    """(lo, hi, levels) of a per-tensor 256-level FakeQuantize that maps [lo, hi] onto itself with zero on its
-    grid and lo < 0 (else None)."""
+    """(lo, hi) of a per-tensor :data:`LEVELS`-level FakeQuantize that maps [lo, hi] onto itself with zero on
+    its grid and lo < 0 (else None)."""
     lo, hi, olo, ohi = (_scalar(fq.input_value(i)) for i in range(1, 5))
-    levels = int(fq.get_attributes()["levels"])
-    # 256 levels: NNCF's activation quantizers, what was measured (with 255, for one, the plugin's own int8
-    # mapping already differed from the FakeQuantize's arithmetic, rewritten or not)
-    if None in (lo, hi, olo, ohi) or levels != 256 or not lo < 0 < hi:
+    if None in (lo, hi, olo, ohi) or int(fq.get_attributes()["levels"]) != LEVELS or not lo < 0 < hi:
         return None
-    step = (hi - lo) / (levels - 1)
     if not (np.isclose(lo, olo, rtol=1e-6, atol=0) and np.isclose(hi, ohi, rtol=1e-6, atol=0)):
         return None
-    zero = -lo / step
+    zero = -lo / ((hi - lo) / (LEVELS - 1))
     if abs(zero - round(zero)) > 1e-3:  # zero between two levels: its padding would not stay zero
         return None
-    return lo, hi, levels
+    return lo, hi
 
 
 def _bias_add(conv, channels: int):
@@ -124,7 +123,7 @@ def unsigned_conv_inputs(model) -> int:
         x = fq.input_value(0)
         if x.get_element_type().get_type_name() != "f32":
             continue
-        lo, hi, levels = found
+        lo, hi = found
         rank = weights.ndim
         begin, end = list(attrs["pads_begin"]), list(attrs["pads_end"])
         channels = weights.shape[0]
@@ -140,7 +139,7 @@ def unsigned_conv_inputs(model) -> int:
         if any(begin) or any(end):
             pads = lambda p: ops.constant(np.array([0, 0, *p], np.int64))  # noqa: E731
             h = ops.pad(h, pads(begin), pads(end), "constant", f32(-lo))
-        h = ops.fake_quantize(h, f32(0.0), f32(hi - lo), f32(0.0), f32(hi - lo), levels)
+        h = ops.fake_quantize(h, f32(0.0), f32(hi - lo), f32(0.0), f32(hi - lo), LEVELS)
         zeros = [0] * (rank - 2)
         new = ops.convolution(h, conv.input_value(1), attrs["strides"], zeros, zeros, attrs["dilations"])
         new.set_friendly_name(conv.get_friendly_name())
