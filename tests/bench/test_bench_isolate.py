@@ -159,7 +159,7 @@ def test_isolated_run_matches_in_process_run(taesd_bundle, tmp_path, monkeypatch
         ("taesd", "diffusers", True)]  # the isolated baseline is reused across scenarios too
     for p, r in zip(plain, iso):
         assert set(r) == set(p) | {"process"} and "process" not in p
-        assert set(r["memory"]) - set(p["memory"]) <= {"own_process", "isolated_probe"}
+        assert set(r["memory"]) - set(p["memory"]) <= {"own_process", "isolated_probe", "primed"}
         assert r["memory"]["own_process"] is True and "isolated" not in r["memory"]  # no memory probe
         assert {k: v["calls"] for k, v in r["stages"].items()} == {k: v["calls"] for k, v in p["stages"].items()}
         assert r["e2e"]["n"] == p["e2e"]["n"] == 1 and r["memory"]["weight_bytes"] == p["memory"]["weight_bytes"]
@@ -167,6 +167,11 @@ def test_isolated_run_matches_in_process_run(taesd_bundle, tmp_path, monkeypatch
         assert r["process"]["pid"] != os.getpid() and r["process"]["wall_s"] > 0
         assert r["settings"]["isolate"] is True and p["settings"]["isolate"] is False
     assert "isolated_probe" in iso[0]["memory"] and "isolated_probe" not in iso[1]["memory"]
+    # a fresh process made latentrt's first call of each scenario before the measured one (it fills the caches)
+    for r in (iso[0], iso[2]):
+        primed = r["memory"]["primed"]
+        assert "error" not in primed and primed["first_image_s"] > 0 and primed["peak_rss_bytes"] > 0
+    assert all("primed" not in r["memory"] for r in plain + [iso[1], iso[3]])
     pids = [r["process"]["pid"] for r in iso]
     assert len(set(pids[:3])) == 3 and pids[3] == pids[1]  # one child per measured system; reuse spawns none
     # PSNR against the fp32 diffusers image: the same as in one process
