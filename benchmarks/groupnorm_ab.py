@@ -11,7 +11,9 @@ dynamic: as exported). Inputs are random of the right shapes (the time does not 
 rewritten model's output is compared with the plain one's and both with an fp32 compile of the plain graph.
 ``--shapes engine`` compares what the engine compiles for each ``shapes`` option: "plain" is the exported graph with
 dynamic shapes (``shapes="dynamic"``), "rewritten" the rewritten graph reshaped to the call (``shapes="static"``).
-``--model`` picks the benchmark bundle (``sdxl-lcm``: the fp16 LCM-SDXL bundle, ``--size 1024``).
+``--model`` picks the benchmark bundle (``sdxl-lcm``: the fp16 LCM-SDXL bundle, ``--size 1024``). Both variants stay
+compiled for the interleaved rounds: two SDXL UNets do not fit in 24 GiB (killed for memory at 24.2 GB RSS); measure
+the SDXL UNet through the pipeline instead (``benchmarks/scenarios/sdxl_openvino_shapes.toml``, one process each).
 ``--precision int8``: the two calibrated int8 IRs of the component that the engine keeps in the bundle's cache
 (``int8_components`` = the component, ``int8_method="full"``): a static-shape engine's, quantized after the
 rewrite, and a dynamic-shape engine's, quantized without it (each calibrated on first use, minutes), both
