@@ -377,6 +377,24 @@ def stage_comparison(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def priming_table(results: list[dict]) -> str | None:
+    """What the fresh process that filled a bundle's caches before latentrt was measured (``memory.primed``,
+    ``isolate`` runs) took: on an empty cache this is the one-time work (an int8 calibration, IR conversion,
+    compiles), whose memory a user's machine must also hold once; None when no record has one."""
+    rows = [r for r in results if r["system"] == "latentrt" and r.get("memory", {}).get("primed")]
+    if not rows:
+        return None
+    lines = ["| scenario | load | first image | peak RSS |", "|---|---|---|---|"]
+    for r in rows:
+        p = r["memory"]["primed"]
+        if "error" in p:
+            lines.append(f"| {r['scenario']} | failed: {p['error'][-200:]} | - | - |")
+            continue
+        lines.append(f"| {r['scenario']} | {_ms(p.get('load_s'))} | {_ms(p.get('first_image_s'))} | "
+                     f"{_mb(p.get('peak_rss_bytes'))} |")
+    return "\n".join(lines)
+
+
 def checks_table(checks: list[Check]) -> str:
     lines = ["| target | scenario | measured | goal | status | margin | how |", "|---|---|---|---|---|---|---|"]
     for c in checks:
@@ -465,8 +483,15 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path, *, title: str
               "Medians over the repeats; every latentrt row is compared with the diffusers baseline of the same run "
               "(same weights, size, steps, batch and VAE). UNet / step is per call; text encoders (both of SDXL's, summed) and VAE per image batch; "
               "overhead is time outside the engines.", "", results_table(results), "",
-              "### Per stage", "", stage_comparison(results), "",
-              "## Targets", "",
+              "### Per stage", "", stage_comparison(results), ""]
+    primed = priming_table(results)
+    if primed:
+        parts += ["### Before measuring: the priming process", "",
+                  "With `isolate`, a fresh process loads the bundle and makes one call before latentrt is measured, so "
+                  "that one-time work filling the bundle's caches (an int8 calibration, IR conversion, compiles) is in "
+                  "neither the measured load nor the measured peak RSS. On an empty cache its figures are that one-time "
+                  "work's; on filled caches, a new process's.", "", primed, ""]
+    parts += ["## Targets", "",
               ("Checked on the scenarios marked `targets = true`." if any(r["settings"].get("targets") for r in results)
                else "No scenario is marked `targets = true`, so the benchmark issue's CPU targets are applied to every "
                     "latentrt scenario as yardsticks.")

@@ -50,3 +50,12 @@ def test_gate_through_the_harness(taesd_bundle, tmp_path, isolate):
     assert [c.met for c in checks] == [True, False]
     md = write_report([out], tmp_path / "report").read_text()
     assert "(**not recommended**)" in md and "gate min" in md
+    # the priming process (isolate only) is reported, with its own figures
+    assert ("### Before measuring: the priming process" in md) is isolate
+    if isolate:
+        primed = ours["fp32"]["memory"]["primed"]
+        from latentrt.bench.report import _mb, _ms
+
+        assert "error" not in primed
+        assert (f"| fp32 | {_ms(primed['load_s'])} | {_ms(primed['first_image_s'])} | {_mb(primed['peak_rss_bytes'])} |"
+                in md)
