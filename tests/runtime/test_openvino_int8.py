@@ -190,3 +190,60 @@ def test_int8_without_nncf_says_what_to_install(int8_bundle, monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", missing)
     with pytest.raises(ImportError, match=r"needs NNCF .*pip install 'latentrt\[cpu-fast\]'"):
         latentrt.load(int8_bundle, backend="openvino", precision="int8", int8_calibration=CAL)
+
+
+def test_int8_both_components_calibrate_once_one_at_a_time(lcm_bundle, tmp_path, monkeypatch):
+    """int8_components=("unet", "vae_decoder"): the engines are created in parallel threads, but the two
+    calibrations run one after the other (each holds a pipeline and NNCF's f32 statistics model), from one
+    calibration run of the pipeline that records both components' inputs, and that pipeline is freed before
+    NNCF runs."""
+    import threading
+    import weakref
+
+    from latentrt.runtime import loader
+    from latentrt.runtime.engines import openvino_int8
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(lcm_bundle, bundle, ignore=shutil.ignore_patterns(".cache"))
+    runs, pipes, active, overlaps = [], [], [0], []
+    lock = threading.Lock()
+    real_record, real_calibrate, real_load = openvino_int8.recorded_inputs, openvino_int8._calibrate, loader.load
+
+    def record(bundle_, components, cal, threads):
+        runs.append(tuple(components))
+        out = real_record(bundle_, components, cal, threads)
+        assert pipes and pipes[-1]() is None, "the calibration pipeline outlived its run"
+        return out
+
+    def load(*a, **k):
+        pipe = real_load(*a, **k)
+        pipes.append(weakref.ref(pipe))
+        return pipe
+
+    def calibrate(*a, **k):
+        with lock:
+            active[0] += 1
+            overlaps.append(active[0])
+        try:
+            return real_calibrate(*a, **k)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(openvino_int8, "recorded_inputs", record)
+    monkeypatch.setattr(openvino_int8, "_calibrate", calibrate)
+    monkeypatch.setattr(loader, "load", load)
+    pipe = latentrt.load(bundle, backend="openvino", precision="int8", int8_calibration=CAL,
+                         int8_components=("unet", "vae_decoder"), shapes="static")
+    assert sorted(overlaps) == [1, 1], overlaps  # two calibrations, never two at once
+    assert len(runs) == 1 and sorted(runs[0]) == ["unet", "vae_decoder"], runs  # one pipeline run for both
+    inner = [p for p in pipes if p() is not pipe]  # latentrt.load is the loader's too: the outer pipe is in pipes
+    assert len(inner) == 1 and inner[0]() is None, "the calibration pipeline is still alive"
+    assert not openvino_int8._pending  # every recorded input was taken
+    for c in ("unet", "vae_decoder"):
+        e = pipe.engines[c]
+        assert e.compute_precision == "int8" and e.cache_path.name.startswith(f"{c}-int8-")
+        assert json.loads(e.cache_path.with_suffix(".json").read_text())["samples"] == (4 if c == "unet" else 2)
+    image = pipe(**CALL, generator=0).images
+    reference = latentrt.load(bundle, backend="openvino", precision="fp32")(**CALL, generator=0).images
+    assert np.isfinite(image).all() and psnr(image, reference) >= 30.0

@@ -262,7 +262,7 @@ class OpenVINOEngine(Engine):
             # int8 convolutions without zero points (openvino_u8conv): the SD1.5 UNet's blob imports in 0.46x the time
             model_path = int8_ir(ov, self._core, name, model_path, Path(cache_dir), model_sha, bundle,
                                  int8_calibration, self._config.get("INFERENCE_NUM_THREADS"), method=method,
-                                 groupnorm=groupnorm, unsigned=self._ov_device == "CPU")
+                                 groupnorm=groupnorm, unsigned=self._ov_device == "CPU", components=components)
         elif cache and cache_dir is not None:
             model_path = _ir_cache(ov, self._core, name, model_path, Path(cache_dir), model_sha, self.precision,
                                    groupnorm=groupnorm)

@@ -26,16 +26,20 @@ and NNCF versions, the method, the calibration settings, whether its GroupNorms 
 shapes on the CPU, :mod:`.openvino_groupnorm`; the calibration then sees the rewritten graph) and whether its
 convolutions' inputs were made unsigned afterwards (the CPU plugin, :mod:`.openvino_u8conv`: no zero-point
 compensation for oneDNN to compute at every blob import); it is made once (minutes for a full-size
-UNet) and mapped by every later load.
+UNet) and mapped by every later load. A load that quantizes both components calibrates them one after the other
+(its engines are otherwise created in parallel) from one bf16 run of the pipeline that records the inputs of both
+(:func:`recorded_inputs`), and frees that pipeline before NNCF runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 from ...manifest import write_json_atomic
@@ -127,26 +131,68 @@ def calibration_settings(bundle, options: dict | None) -> dict:
     return cal
 
 
-def calibration_samples(bundle, component: str, cal: dict, threads) -> list[dict]:
-    """The inputs of ``component`` over a bf16 run of the bundle's own pipeline on the calibration
-    prompts (one seed each): what the quantized model will see."""
+def recorded_inputs(bundle, components, cal: dict, threads) -> dict[str, list[dict]]:
+    """The inputs of each of ``components`` over one bf16 run of the bundle's own pipeline on the calibration
+    prompts (one seed each): what the quantized models will see. The pipeline is gone when this returns."""
+    import numpy as np
+
     from ..loader import load
 
     pipe = load(bundle.path, backend="openvino", precision="auto", threads=threads)
-    engine = pipe.engines[component]
-    samples, run = [], engine.run
+    samples: dict[str, list[dict]] = {c: [] for c in components}
+    runs = {c: pipe.engines[c].run for c in components}
 
-    def recording(arrays):
-        samples.append({k: __import__("numpy").array(v, copy=True) for k, v in arrays.items()})
-        return run(arrays)
+    def recorder(component):
+        def recording(arrays):
+            samples[component].append({k: np.array(v, copy=True) for k, v in arrays.items()})
+            return runs[component](arrays)
+        return recording
 
-    engine.run = recording
-    # the UNet's inputs are all seen before decoding; the VAE decoder's need the decode itself
-    output_type = "np" if component == "vae_decoder" else "latent"
-    for i, prompt in enumerate(PROMPTS[: int(cal["prompts"])]):
-        pipe(prompt, height=cal["height"], width=cal["width"], num_inference_steps=int(cal["steps"]), generator=i,
-             output_type=output_type)
+    try:
+        for c in components:
+            pipe.engines[c].run = recorder(c)
+        # the UNet's inputs are all seen before decoding; the VAE decoder's need the decode itself
+        output_type = "np" if "vae_decoder" in components else "latent"
+        for i, prompt in enumerate(PROMPTS[: int(cal["prompts"])]):
+            pipe(prompt, height=cal["height"], width=cal["width"], num_inference_steps=int(cal["steps"]),
+                 generator=i, output_type=output_type)
+    finally:  # the recorders hold their engines: without this the compiled pipeline outlives the call
+        for c in components:
+            pipe.engines[c].__dict__.pop("run", None)
+        del pipe, runs
+        gc.collect()
     return samples
+
+
+def calibration_samples(bundle, component: str, cal: dict, threads) -> list[dict]:
+    """The inputs of ``component`` over a bf16 run of the bundle's own pipeline (:func:`recorded_inputs`)."""
+    return recorded_inputs(bundle, (component,), cal, threads)[component]
+
+
+#: one calibration at a time in a process. A load creates its engines in parallel threads, and each
+#: calibration holds a bf16 pipeline and then NNCF's statistics model of the f32 graph: two at once (UNet
+#: and VAE decoder) peaked at 10.7 GB on SD1.5, against 3.4 GB for the pipeline that runs afterwards
+_calibrating = threading.Lock()
+#: inputs recorded for components whose int8 IR is still to be made, by (bundle, calibration, threads):
+#: one pipeline run serves every component of ``int8_components`` (the same prompts, seeds and steps)
+_pending: dict[tuple, dict[str, list[dict]]] = {}
+
+
+def _samples(bundle, name: str, cal: dict, threads, components) -> list[dict]:
+    """``name``'s calibration inputs: recorded before for it by another component's calibration, else recorded
+    now together with those of the other ``components`` (kept in :data:`_pending` until they are taken)."""
+    key = (str(bundle.path), json.dumps(cal, sort_keys=True), threads)
+    waiting = _pending.get(key, {})
+    if name in waiting:
+        samples = waiting.pop(name)
+        if not waiting:
+            _pending.pop(key, None)
+        return samples
+    others = tuple(c for c in dict.fromkeys(components or ()) if c != name and c in QUANTIZABLE)
+    recorded = recorded_inputs(bundle, (name, *others), cal, threads)
+    if others:
+        _pending[key] = {c: recorded[c] for c in others}
+    return recorded[name]
 
 
 def _weighted_matmuls(model) -> list[str]:
@@ -182,11 +228,12 @@ def quantize(model, samples: list[dict], method: str = DEFAULT_METHOD):
 
 def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: str, bundle, cal_options,
             threads, progress=None, method: str = DEFAULT_METHOD, groupnorm: bool = False,
-            unsigned: bool = False) -> Path:
+            unsigned: bool = False, components=()) -> Path:
     """The int8 IR of component ``name`` (``method``), calibrated and saved once (see the module docstring).
     A cached IR is found without importing NNCF (its version is read from the package's metadata). With
     ``groupnorm``, GroupNorms are rewritten channels-last before quantizing (:mod:`.openvino_groupnorm`); with
-    ``unsigned``, the quantized convolutions' inputs are made unsigned after it (:mod:`.openvino_u8conv`)."""
+    ``unsigned``, the quantized convolutions' inputs are made unsigned after it (:mod:`.openvino_u8conv`).
+    ``components``: every component this load quantizes; one calibration run records all their inputs."""
     nncf_version = _nncf_version()
     if bundle is None:
         raise ValueError(f"{name}: precision='int8' calibrates through the bundle's pipeline; load it with "
@@ -203,11 +250,22 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
     xml = folder / f"{name}-int8-{key}.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         return xml
+    with _calibrating:
+        if xml.is_file() and xml.with_suffix(".bin").is_file():  # made by another thread meanwhile
+            return xml
+        _calibrate(ov, core, name, onnx_path, bundle, cal, threads, progress, method, groupnorm, unsigned,
+                   components, xml, nncf_version)
+    return xml
+
+
+def _calibrate(ov, core, name, onnx_path, bundle, cal, threads, progress, method, groupnorm, unsigned, components,
+               xml: Path, nncf_version: str) -> None:
+    """Calibrate, quantize and save ``name``'s int8 IR at ``xml`` (written to a temporary name, then renamed)."""
     from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph
 
     if progress:
         progress(f"{name}: calibrating int8 ({method}) on {cal['prompts']} prompts at {cal['height']}x{cal['width']} (once)")
-    samples = calibration_samples(bundle, name, cal, threads)
+    samples = _samples(bundle, name, cal, threads, components)
     model = core.read_model(str(onnx_path))
     if is_f16_graph(model):
         model, _ = as_f32_with_f16_weights(model)
@@ -216,6 +274,7 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the caller's (JSON, images)
         model = quantize(model, samples, method)
     rewritten = unsigned_conv_inputs(model) if unsigned else 0
+    folder = xml.parent
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{xml.stem}.{os.getpid()}.tmp.xml"
     try:
@@ -228,4 +287,3 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
     write_json_atomic(folder / f"{xml.stem}.json", {"calibration": cal, "samples": len(samples),
                                                      "method": METHODS[method], "nncf": nncf_version,
                                                      "groupnorm": groupnorm, "unsigned_convolutions": rewritten})
-    return xml
