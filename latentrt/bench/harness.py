@@ -276,7 +276,6 @@ class Runner:
 
             bar.note(f"{sc.name}: latentrt priming the bundle's caches in a fresh process")
             primed = run_probe(bundle, sc)
-            gc.collect()
         with PeakMemory() as mem:
             t0 = time.perf_counter()
             pipe = latentrt.load(bundle, backend=sc.backend, device=sc.device, **opts)

@@ -207,7 +207,7 @@ def test_int8_both_components_calibrate_once_one_at_a_time(lcm_bundle, tmp_path,
     shutil.copytree(lcm_bundle, bundle, ignore=shutil.ignore_patterns(".cache"))
     runs, pipes, active, overlaps = [], [], [0], []
     lock = threading.Lock()
-    real_record, real_calibrate, real_load = openvino_int8.recorded_inputs, openvino_int8._calibrate, loader.load
+    real_record, real_quantize, real_load = openvino_int8.recorded_inputs, openvino_int8.quantize, loader.load
 
     def record(bundle_, components, cal, threads):
         runs.append(tuple(components))
@@ -220,22 +220,22 @@ def test_int8_both_components_calibrate_once_one_at_a_time(lcm_bundle, tmp_path,
         pipes.append(weakref.ref(pipe))
         return pipe
 
-    def calibrate(*a, **k):
+    def quantize(*a, **k):
         with lock:
             active[0] += 1
             overlaps.append(active[0])
         try:
-            return real_calibrate(*a, **k)
+            return real_quantize(*a, **k)
         finally:
             with lock:
                 active[0] -= 1
 
     monkeypatch.setattr(openvino_int8, "recorded_inputs", record)
-    monkeypatch.setattr(openvino_int8, "_calibrate", calibrate)
+    monkeypatch.setattr(openvino_int8, "quantize", quantize)
     monkeypatch.setattr(loader, "load", load)
     pipe = latentrt.load(bundle, backend="openvino", precision="int8", int8_calibration=CAL,
                          int8_components=("unet", "vae_decoder"), shapes="static")
-    assert sorted(overlaps) == [1, 1], overlaps  # two calibrations, never two at once
+    assert sorted(overlaps) == [1, 1], overlaps  # two quantizations, never two at once
     assert len(runs) == 1 and sorted(runs[0]) == ["unet", "vae_decoder"], runs  # one pipeline run for both
     inner = [p for p in pipes if p() is not pipe]  # latentrt.load is the loader's too: the outer pipe is in pipes
     assert len(inner) == 1 and inner[0]() is None, "the calibration pipeline is still alive"

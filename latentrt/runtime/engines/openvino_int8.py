@@ -250,40 +250,32 @@ def int8_ir(ov, core, name: str, onnx_path: Path, cache_dir: Path, model_sha: st
     xml = folder / f"{name}-int8-{key}.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         return xml
+    from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph
+
     with _calibrating:
         if xml.is_file() and xml.with_suffix(".bin").is_file():  # made by another thread meanwhile
             return xml
-        _calibrate(ov, core, name, onnx_path, bundle, cal, threads, progress, method, groupnorm, unsigned,
-                   components, xml, nncf_version)
+        if progress:
+            progress(f"{name}: calibrating int8 ({method}) on {cal['prompts']} prompts at {cal['height']}x{cal['width']} (once)")
+        samples = _samples(bundle, name, cal, threads, components)
+        model = core.read_model(str(onnx_path))
+        if is_f16_graph(model):
+            model, _ = as_f32_with_f16_weights(model)
+        if groupnorm:
+            rewrite_group_norms(model)
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the caller's (JSON, images)
+            model = quantize(model, samples, method)
+        rewritten = unsigned_conv_inputs(model) if unsigned else 0
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{xml.stem}.{os.getpid()}.tmp.xml"
+        try:
+            ov.save_model(model, str(tmp), compress_to_fp16=True)
+            os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+            os.replace(tmp, xml)
+        finally:
+            for t in (tmp, tmp.with_suffix(".bin")):
+                t.unlink(missing_ok=True)
+        write_json_atomic(folder / f"{xml.stem}.json", {"calibration": cal, "samples": len(samples),
+                                                         "method": METHODS[method], "nncf": nncf_version,
+                                                         "groupnorm": groupnorm, "unsigned_convolutions": rewritten})
     return xml
-
-
-def _calibrate(ov, core, name, onnx_path, bundle, cal, threads, progress, method, groupnorm, unsigned, components,
-               xml: Path, nncf_version: str) -> None:
-    """Calibrate, quantize and save ``name``'s int8 IR at ``xml`` (written to a temporary name, then renamed)."""
-    from .openvino_f16 import as_f32_with_f16_weights, is_f16_graph
-
-    if progress:
-        progress(f"{name}: calibrating int8 ({method}) on {cal['prompts']} prompts at {cal['height']}x{cal['width']} (once)")
-    samples = _samples(bundle, name, cal, threads, components)
-    model = core.read_model(str(onnx_path))
-    if is_f16_graph(model):
-        model, _ = as_f32_with_f16_weights(model)
-    if groupnorm:
-        rewrite_group_norms(model)
-    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the caller's (JSON, images)
-        model = quantize(model, samples, method)
-    rewritten = unsigned_conv_inputs(model) if unsigned else 0
-    folder = xml.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{xml.stem}.{os.getpid()}.tmp.xml"
-    try:
-        ov.save_model(model, str(tmp), compress_to_fp16=True)
-        os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
-        os.replace(tmp, xml)
-    finally:
-        for t in (tmp, tmp.with_suffix(".bin")):
-            t.unlink(missing_ok=True)
-    write_json_atomic(folder / f"{xml.stem}.json", {"calibration": cal, "samples": len(samples),
-                                                     "method": METHODS[method], "nncf": nncf_version,
-                                                     "groupnorm": groupnorm, "unsigned_convolutions": rewritten})
